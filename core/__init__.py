@@ -1,0 +1,1 @@
+"""Shared infrastructure: typed params, dataset readers, atomic output."""

@@ -1,0 +1,55 @@
+"""Atomic outputs: a stage killed midway leaves nothing at the final path.
+
+Work is written to a hidden temporary sibling (same filesystem) and renamed
+into place only when complete, so DVC never caches a half-written output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path; on success rename it to ``final`` (replacing it).
+
+    On an exception the temporary is removed and ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{final.name}.tmp-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=final.suffix, dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if final.is_dir() and not final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if is_dir and final.exists():
+                final.unlink()
+            os.replace(tmp, final)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def write_text_atomic(final: str | Path, text: str) -> None:
+    """Write a small text file (metrics json, lists) atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_text(text)
