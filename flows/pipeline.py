@@ -1,0 +1,124 @@
+"""The DVC pipeline as a Prefect flow: one Prefect task per DVC stage.
+
+Stages run one after another in DVC's own order (DVC holds a single repo lock),
+each as ``dvc repro --single-item <stage>``, so the flow and a plain
+``dvc repro`` share one cache and skip the same up-to-date stages. Each stage's
+output is streamed into the Prefect logs as it arrives, each task returns
+whether the stage ran or was skipped as cached, and the run ends with a
+markdown artifact summarising the stages and ``data/metrics/*.json``.
+
+    python -m flows.pipeline                          # the whole pipeline
+    python -m flows.pipeline --stage saliency         # just one stage
+    python -m flows.pipeline --stage prepare --downstream
+    python -m flows.pipeline --stage prepare --force  # rerun even if cached
+
+Without ``PREFECT_API_URL`` Prefect runs in ephemeral mode (no server needed);
+with ``PREFECT_API_URL=http://127.0.0.1:4200/api`` the run shows up in the UI of
+``prefect server start --host 127.0.0.1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+# `flows/__init__.py` (imported first, as this module's package) sets the offline Prefect defaults.
+from flows import PROJECT_ROOT
+from flows.dvc_stages import (PipelineError, StageFailedError, StageResult, plan_stages,
+                              read_metrics, run_stage)
+from flows.report import summary_markdown
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+ARTIFACT_KEY = "dvc-pipeline-summary"
+
+
+def _level(line: str) -> int:
+    if line.startswith("ERROR"):
+        return logging.ERROR
+    if line.startswith("WARNING"):
+        return logging.WARNING
+    return logging.INFO
+
+
+# DVC caches; Prefect must not, or a cached task would hide a stage DVC wants to rerun.
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
+def dvc_stage(stage: str, repo: str, force: bool = False) -> StageResult:
+    """Run one DVC stage; its stdout/stderr lines become this task's logs."""
+    logger = get_run_logger()
+    logger.info("dvc repro --single-item %s%s", stage, " --force" if force else "")
+    result = run_stage(repo, stage, force=force,
+                       on_line=lambda _stream, line: logger.log(_level(line), "%s", line))
+    verb = "RAN" if result.ran else "SKIPPED"
+    logger.info("stage '%s' %s (%s) in %.1f s", stage, verb, result.reason, result.seconds)
+    return result
+
+
+@flow(name="dvc-pipeline")
+def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool = False,
+                 repo: str | None = None) -> list[StageResult]:
+    """Run the DVC pipeline (or one stage, or a stage and its downstream) stage by stage.
+
+    ``repo`` is the DVC project root (default: this project).
+    """
+    logger = get_run_logger()
+    root = Path(repo) if repo else PROJECT_ROOT
+    plan = plan_stages(root, stage, downstream)
+    logger.info("DVC plan in %s: %s", root, " -> ".join(plan) or "(no stages)")
+    results: list[StageResult] = []
+    current: str | None = None
+    try:
+        for name in plan:
+            current = name
+            results.append(dvc_stage(name, str(root), force))
+        current = None
+    finally:
+        not_run = plan[len(results) + (1 if current else 0):]
+        title = "DVC pipeline" + (f": {stage}" + (" and downstream" if downstream else "") if stage else "")
+        try:
+            create_markdown_artifact(
+                key=ARTIFACT_KEY,
+                markdown=summary_markdown(title, results, not_run, current, read_metrics(root)),
+                description="Stages ran or skipped as cached, wall times, data/metrics/*.json")
+        except Exception as e:  # noqa: BLE001 - a summary must never hide the stage's own error
+            logger.warning("could not publish the run summary artifact: %s", e)
+    ran = sum(r.ran for r in results)
+    logger.info("done: %d stage(s) ran, %d skipped as cached", ran, len(results) - ran)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline",
+        description="Run the DVC pipeline through Prefect, stage by stage (dvc repro per stage).")
+    parser.add_argument("--stage", help="run only this DVC stage (name as in dvc.yaml)")
+    parser.add_argument("--downstream", action="store_true",
+                        help="with --stage: also run every stage that depends on it")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun the selected stages even if DVC has them cached")
+    parser.add_argument("--repo", default=str(PROJECT_ROOT),
+                        help="DVC project root (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.downstream and not args.stage:
+        parser.error("--downstream needs --stage NAME")
+    try:  # fail fast on a bad stage name, before Prefect starts its API server
+        plan_stages(args.repo, args.stage, args.downstream)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        results = dvc_pipeline(stage=args.stage, downstream=args.downstream, force=args.force,
+                               repo=args.repo)
+    except (StageFailedError, PipelineError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for r in results:
+        print(f"{r.stage}: {r.status} ({r.reason}, {r.seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

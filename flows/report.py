@@ -1,0 +1,49 @@
+"""Markdown summary of a pipeline run: one row per stage, then the metrics files.
+
+Published by the flow as a Prefect artifact; plain text in, plain text out.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flows.dvc_stages import StageResult
+
+MAX_CELL = 120
+
+
+def _cell(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
+
+
+def flatten(value: object, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested dicts to ``(dotted.key, leaf)`` rows; lists stay whole (one cell)."""
+    if isinstance(value, dict) and value:
+        rows: list[tuple[str, object]] = []
+        for k, v in value.items():
+            rows.extend(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return rows
+    return [(prefix or "(value)", value)]
+
+
+def summary_markdown(title: str, results: list[StageResult], not_run: list[str],
+                     failed: str | None, metrics: dict[str, object]) -> str:
+    """The artifact body: stage table (ran / skipped / failed / not run, wall time) and metrics."""
+    lines = [f"# {title}", "", "| stage | outcome | detail | wall time (s) |", "|---|---|---|---:|"]
+    for r in results:
+        lines.append(f"| {_cell(r.stage)} | {r.status} | {_cell(r.reason)} | {r.seconds:.1f} |")
+    if failed:
+        lines.append(f"| {_cell(failed)} | **failed** | see the task's logs | |")
+    for name in not_run:
+        lines.append(f"| {_cell(name)} | not run | {'an upstream stage failed' if failed else ''} | |")
+    ran = sum(r.ran for r in results)
+    lines += ["", f"{ran} ran, {len(results) - ran} skipped as cached"
+              + (f", 1 failed, {len(not_run)} not run" if failed else "") + "."]
+    if metrics:
+        lines += ["", "## Metrics (`data/metrics/*.json`)", "", "| file | key | value |", "|---|---|---|"]
+        for fname, content in metrics.items():
+            for key, value in flatten(content):
+                lines.append(f"| {_cell(fname)} | {_cell(key)} | {_cell(value)} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,279 @@
+"""The Prefect flow that runs DVC stages, on a tiny self-made git+DVC repo.
+
+The toy pipeline (``a -> b -> report``, declared out of order in dvc.yaml) has
+trivial Python stages, so these tests check the flow itself: DVC's order,
+ran vs skipped as cached, single-stage and downstream selection, output
+streamed into the Prefect logs, the summary artifact, and a clear failure.
+All flow runs go to one temporary Prefect API (``prefect_test_harness``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flows  # noqa: F401  (offline Prefect defaults before prefect is imported)
+from flows.dvc_stages import (PipelineError, StageFailedError, _split_output, is_stale,
+                              plan_stages, subprocess_env)
+from flows.pipeline import ARTIFACT_KEY, dvc_pipeline, main
+
+STAGE_SCRIPT = '''\
+"""Toy stages for the flow tests: python stage.py NAME."""
+import json, pathlib, sys
+import yaml
+
+name = sys.argv[1]
+params = yaml.safe_load(open("params.yaml"))
+print(f"toy stage {name} says hello", flush=True)
+print(f"toy stage {name} note on stderr", file=sys.stderr, flush=True)
+if (params.get(name) or {}).get("fail"):
+    print(f"toy stage {name} failed on purpose", file=sys.stderr)
+    sys.exit(3)
+out = pathlib.Path("out")
+out.mkdir(exist_ok=True)
+if name == "a":
+    (out / "a.txt").write_text(str(params["a"]["value"]))
+elif name == "b":
+    (out / "b.txt").write_text((out / "a.txt").read_text() + "+b")
+elif name == "report":
+    metrics = pathlib.Path("data/metrics")
+    metrics.mkdir(parents=True, exist_ok=True)
+    text = (out / "b.txt").read_text()
+    (metrics / "report.json").write_text(json.dumps({"length": len(text), "parts": {"b": text}}))
+'''
+
+# `report` is declared first: the flow must follow the graph, not the file order.
+DVC_YAML = '''\
+stages:
+  report:
+    cmd: python stage.py report
+    deps: [stage.py, out/b.txt]
+    metrics:
+      - data/metrics/report.json:
+          cache: false
+  a:
+    cmd: python stage.py a
+    deps: [stage.py]
+    params: [a.value]
+    outs: [out/a.txt]
+  b:
+    cmd: python stage.py b
+    deps: [stage.py, out/a.txt]
+    params: [b.fail]
+    outs: [out/b.txt]
+'''
+
+
+def _git_dvc_init(root: Path) -> None:
+    env = subprocess_env()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
+                   cwd=root, check=True, env=env)
+
+
+def _set_params(root: Path, **sections) -> None:
+    path = root / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    path.write_text(yaml.safe_dump(params))
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    files = [p for d in ("out", "data") for p in (root / d).rglob("*") if p.is_file()]
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in files + [root / "dvc.lock"]}
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy_repo")
+    _git_dvc_init(root)
+    (root / "stage.py").write_text(STAGE_SCRIPT)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "params.yaml").write_text(yaml.safe_dump({"a": {"value": 1}, "b": {"fail": False}}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):  # generous: a busy 2-core machine
+        yield
+
+
+def _flow_run_id(state):
+    return state.state_details.flow_run_id
+
+
+def _logs(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[_flow_run_id(state)])))
+    return [log.message for log in logs]
+
+
+def _artifact(state) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[_flow_run_id(state)]),
+            key=ArtifactFilterKey(any_=[ARTIFACT_KEY])))
+    assert len(found) == 1, found
+    return found[0].data
+
+
+@pytest.fixture(scope="module")
+def two_runs(toy_repo, prefect_api):
+    """The whole toy pipeline run twice: (state, files' mtimes after) for each run."""
+    first = dvc_pipeline(repo=str(toy_repo), return_state=True)
+    after_first = _snapshot(toy_repo)
+    second = dvc_pipeline(repo=str(toy_repo), return_state=True)
+    return first, after_first, second, _snapshot(toy_repo)
+
+
+@pytest.fixture
+def ran_copy(two_runs, toy_repo, tmp_path) -> Path:
+    """A private copy of the toy repo after the two runs (cache, lock and outputs included)."""
+    dest = tmp_path / "repo"
+    shutil.copytree(toy_repo, dest, symlinks=True)
+    return dest
+
+
+def _outcomes(results) -> list[tuple[str, str]]:
+    return [(r.stage, r.status) for r in results]
+
+
+# --------------------------------------------------------------------------- planning (no Prefect)
+
+
+def test_plan_follows_the_dvc_graph_not_the_file_order(toy_repo):
+    assert plan_stages(toy_repo) == ["a", "b", "report"]
+    assert plan_stages(toy_repo, "b") == ["b"]
+    assert plan_stages(toy_repo, "b", downstream=True) == ["b", "report"]
+    assert plan_stages(toy_repo, "a", downstream=True) == ["a", "b", "report"]
+
+
+def test_plan_rejects_an_unknown_stage_naming_the_known_ones(toy_repo):
+    with pytest.raises(PipelineError, match=r"unknown DVC stage 'nope'.*stages: .*report"):
+        plan_stages(toy_repo, "nope")
+    with pytest.raises(PipelineError, match="downstream"):
+        plan_stages(toy_repo, None, downstream=True)
+
+
+def test_a_stage_added_to_dvc_yaml_is_picked_up(toy_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(toy_repo, repo, symlinks=True)
+    with open(repo / "dvc.yaml", "a") as f:
+        f.write(textwrap.indent(textwrap.dedent('''\
+            extra:
+              cmd: python -c "print('extra')"
+              deps: [data/metrics/report.json]
+            '''), "  "))
+    assert plan_stages(repo) == ["a", "b", "report", "extra"]
+    assert plan_stages(repo, "b", downstream=True) == ["b", "report", "extra"]
+
+
+def test_progress_redraws_are_thinned_and_lines_kept_whole():
+    chunks = [b"first line\nsecond", b" half\r\n\r 10%|#", b"   |\r 50%|##  |", b"\r100%|####|\n",
+              b"\n  indented\nlast"]
+    assert list(_split_output(iter(chunks), progress_every=3600)) == [
+        "first line", "second half", "10%|#   |", "100%|####|", "  indented", "last"]
+    # the first redraw shows at once; the latest unshown one is flushed at the end
+    assert list(_split_output(iter([b"\r 1%|\r 2%|\r 3%|"]), progress_every=3600)) == ["1%|", "3%|"]
+    # a bar erased at the end (tqdm leave=False) leaves no stale redraw behind
+    assert list(_split_output(iter([b"\r 1%|\r 2%|\r    \r"]), progress_every=3600)) == ["1%|"]
+
+
+# --------------------------------------------------------------------------- flow runs
+
+
+def test_first_run_runs_every_stage_and_second_skips_all(two_runs):
+    first, after_first, second, after_second = two_runs
+    assert first.is_completed() and second.is_completed()
+    assert _outcomes(first.result()) == [("a", "ran"), ("b", "ran"), ("report", "ran")]
+    assert _outcomes(second.result()) == [("a", "skipped"), ("b", "skipped"), ("report", "skipped")]
+    assert {r.reason for r in second.result()} == {"up to date"}
+    assert after_second == after_first  # nothing was rewritten by the cached run
+
+
+def test_stage_output_is_streamed_into_the_prefect_logs(two_runs):
+    first, _, second, _ = two_runs
+    logs = _logs(first)
+    for name in ("a", "b", "report"):
+        assert f"toy stage {name} says hello" in logs          # stdout
+        assert f"toy stage {name} note on stderr" in logs      # stderr
+        assert f"Running stage '{name}':" in logs              # DVC's own line
+    assert any("stage 'a' RAN" in m for m in logs)
+    assert any("stage 'a' SKIPPED (up to date)" in m for m in _logs(second))
+
+
+def test_summary_artifact_lists_stages_and_metrics(two_runs):
+    first, _, second, _ = two_runs
+    text = _artifact(first)
+    assert "| a | ran |" in text and "| report | ran |" in text
+    assert "3 ran, 0 skipped as cached" in text
+    assert "| report.json | length | 3 |" in text  # out/b.txt is "1+b"
+    assert "| report.json | parts.b | 1+b |" in text
+    assert "| b | skipped | up to date |" in _artifact(second)
+
+
+def test_single_stage_downstream_force_and_run_cache(ran_copy, prefect_api):
+    _set_params(ran_copy, a={"value": 22})
+    assert _outcomes(dvc_pipeline(stage="a", repo=str(ran_copy))) == [("a", "ran")]
+    assert (ran_copy / "out/a.txt").read_text() == "22"
+    assert is_stale(ran_copy, "b")  # only `a` was selected
+    assert _outcomes(dvc_pipeline(stage="b", downstream=True, repo=str(ran_copy))) == [
+        ("b", "ran"), ("report", "ran")]
+    assert (ran_copy / "out/b.txt").read_text() == "22+b"
+
+    forced = dvc_pipeline(stage="b", force=True, repo=str(ran_copy))
+    assert [(r.stage, r.status, r.reason) for r in forced] == [("b", "ran", "command executed")]
+
+    _set_params(ran_copy, a={"value": 1})  # back to a value DVC has already run
+    restored = dvc_pipeline(stage="a", repo=str(ran_copy))
+    assert [(r.stage, r.status, r.reason) for r in restored] == [
+        ("a", "skipped", "restored from run-cache")]
+    assert (ran_copy / "out/a.txt").read_text() == "1"
+
+
+def test_a_failing_stage_fails_the_flow_with_its_error_tail(ran_copy, prefect_api):
+    _set_params(ran_copy, b={"fail": True})
+    state = dvc_pipeline(repo=str(ran_copy), return_state=True)
+    assert state.is_failed()
+    err = state.result(raise_on_failure=False)
+    assert isinstance(err, StageFailedError)
+    assert err.stage == "b" and err.returncode != 0
+    message = str(err)
+    assert "DVC stage 'b' failed" in message
+    assert "toy stage b failed on purpose" in message  # the stage's own stderr, in the tail
+    assert "--stage b" in message                      # tells the user how to rerun it
+    assert "failed on purpose" in state.message
+    text = _artifact(state)
+    assert "| a | skipped | up to date |" in text
+    assert "| b | **failed** |" in text
+    assert "| report | not run | an upstream stage failed |" in text
+
+
+def test_cli_rejects_bad_arguments_with_a_clear_message(toy_repo, capsys):
+    assert main(["--repo", str(toy_repo), "--stage", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown DVC stage 'nope'" in err and "report" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--repo", str(toy_repo), "--downstream"])
+    assert exit_info.value.code == 2
+    assert "--downstream needs --stage" in capsys.readouterr().err
