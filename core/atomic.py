@@ -29,6 +29,10 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=final.suffix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create owner-only files; give outputs the usual umask-based modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
     try:
         yield tmp
         if final.is_dir() and not final.is_symlink():
