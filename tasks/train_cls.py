@@ -1,0 +1,721 @@
+"""Stage ``train_cls``: train the EPS classifier (or the plain CAM baseline).
+
+``python -m tasks.train_cls [--params params.yaml]`` reads ``data/prepared/dataset.json`` and
+``data/saliency/`` and writes ``data/train_cls/classifier.pt`` (read by
+:func:`models.classifier.load_classifier`) and dvclive metrics/plots in ``data/train_cls/live/``.
+Several processes: ``torchrun --nproc_per_node=N -m tasks.train_cls`` (DDP; gloo on CPU,
+nccl on CUDA); ``train_cls.batch_size`` is the global batch, split over the processes.
+
+Optimiser. SGD with momentum 0.9, weight decay 5e-4, poly learning rate (power 0.9), the head at
+10x the backbone rate. The authors' code (psa/EPS ``PolyOptimizer``) calls
+``torch.optim.SGD.__init__(params, lr, weight_decay)``: SGD's third positional argument is
+``momentum``, so their runs had momentum = 5e-4 and weight decay only in the parameter groups.
+We use the momentum the paper and psa intend (0.9); set ``train_cls.momentum: 0.0005`` to
+reproduce the authors' code exactly.
+
+Resume. Every ``checkpoint_every`` iterations a checkpoint is written atomically to
+``.state/train_cls/<fingerprint>/ckpt.pt`` (outside the DVC output, which DVC deletes before a
+rerun): weights, optimiser, iteration, the torch/numpy/python RNG states of every process and the
+logged history. The data order is a pure function of (seed, iteration): epoch ``e`` visits the
+images in a permutation drawn from a generator seeded by (seed, e), and every sample's augmentation
+uses a generator seeded by (seed, e, position). A rerun after a kill therefore continues with the
+same batches and random numbers, and on CPU ends with bit-identical weights. The fingerprint covers
+the params that change the result, the seed, the number of processes, the data (manifest, labels,
+saliency listing) and the code of ``models/`` and this file; the checkpoint is removed once the
+classifier is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from core.atomic import atomic_path
+from core.config import TrainClsConfig, load_params, to_dict
+from models.classifier import MapClassifier, build_classifier, save_classifier
+from models.losses import classification_loss, image_logits, saliency_loss
+
+REPO = Path(__file__).resolve().parents[1]
+# operational knobs: changing them does not change the trained weights, so a run may resume
+_NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
+CKPT_FORMAT = "eps-wsss-train-cls-ckpt/1"
+
+
+class TrainClsError(ValueError):
+    """Bad input for the train_cls stage; the message names the file, id or params key."""
+
+
+class LabelledImages(Protocol):
+    """The part of ``core.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
+
+    class_names: list[str]
+    num_classes: int
+
+    def ids(self, split: str) -> list[str]: ...
+    def load_image(self, image_id: str) -> np.ndarray: ...
+    def labels(self, image_id: str) -> np.ndarray: ...
+
+
+SaliencyFn = Callable[[str, tuple[int, int]], np.ndarray]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _saliency_from_dir(saliency_dir: str, image_id: str, hw: tuple[int, int]) -> np.ndarray:
+    from core.saliency_maps import load_saliency
+    return load_saliency(saliency_dir, image_id, expected_hw=hw)
+
+
+def _sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, 1, epoch, position]))
+
+
+def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: a pure function of (seed, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 0, epoch])).permutation(num_items)
+
+
+class ResumableBatchSampler(Sampler):
+    """Yields, for iterations ``start..end-1``, this process's share of the global batch.
+
+    Items are ``(index, (seed, epoch, position))`` so the dataset can seed the sample's
+    augmentation; everything depends only on (seed, iteration), which makes resume exact.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, end: int,
+                 rank: int = 0, world_size: int = 1):
+        self.check(num_items, batch_size, world_size)
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.end, self.rank, self.world_size = start, end, rank, world_size
+        self.per_epoch = num_items // batch_size  # incomplete last batch dropped
+
+    @staticmethod
+    def check(num_items: int, batch_size: int, world_size: int) -> None:
+        if batch_size % world_size:
+            raise TrainClsError(f"params key 'train_cls.batch_size' ({batch_size}) must be divisible by the "
+                                f"number of processes ({world_size})")
+        if num_items < batch_size:
+            raise TrainClsError(f"params key 'train_cls.batch_size' ({batch_size}) exceeds the number of "
+                                f"training images ({num_items})")
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self) -> Iterator[list]:
+        local = self.batch_size // self.world_size
+        perm_epoch, perm = -1, None
+        for it in range(self.start, self.end):
+            epoch, b = divmod(it, self.per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(self.seed, epoch, self.num_items)
+            first = b * self.batch_size + self.rank * local
+            yield [(int(perm[p]), (self.seed, epoch, p)) for p in range(first, first + local)]
+
+
+class AugmentedImages(Dataset):
+    """Training samples: image, saliency and labels with the paper's augmentations.
+
+    Random rescale of the long side, horizontal flip, colour jitter (image only), and a random
+    crop that pads when the image is smaller than the crop (psa's ``RandomCrop``); the geometric
+    steps are applied identically to image and saliency. Padding is the backbone's mean colour
+    (0 after normalisation) for the image and 0 (background) for the saliency.
+    """
+
+    def __init__(self, reader: LabelledImages, ids: list[str], cfg: TrainClsConfig,
+                 saliency_fn: SaliencyFn | None, pad_value: tuple[float, float, float]):
+        self.reader, self.ids, self.cfg, self.saliency_fn = reader, list(ids), cfg, saliency_fn
+        self.pad_value = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        index, (seed, epoch, position) = key
+        image_id = self.ids[index]
+        rng = _sample_rng(seed, epoch, position)
+        image = np.asarray(self.reader.load_image(image_id))
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise TrainClsError(f"image '{image_id}': expected HxWx3 uint8, got {image.shape} {image.dtype}")
+        h, w = image.shape[:2]
+        sal = None
+        if self.saliency_fn is not None:
+            sal = np.asarray(self.saliency_fn(image_id, (h, w)), dtype=np.float32)
+            if sal.shape != (h, w):
+                raise TrainClsError(f"saliency map of '{image_id}' is {sal.shape}, image is {(h, w)}")
+        image, sal = self._augment(image, sal, rng)
+        labels = torch.as_tensor(np.asarray(self.reader.labels(image_id), dtype=np.float32))
+        return {"image": image, "saliency": sal if sal is not None else torch.zeros(1, 1, 1),
+                "labels": labels}
+
+    def _augment(self, image: np.ndarray, sal: np.ndarray | None, rng: np.random.Generator):
+        cfg = self.cfg
+        h, w = image.shape[:2]
+        target = int(rng.integers(cfg.resize_long[0], cfg.resize_long[1] + 1))
+        if target != max(h, w):
+            scale = target / max(h, w)
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            if sal is not None:
+                sal = cv2.resize(sal, size, interpolation=cv2.INTER_LINEAR)
+        if cfg.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+            if sal is not None:
+                sal = sal[:, ::-1]
+        img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        img = _color_jitter(img, cfg.color_jitter, rng).float().div_(255.0)
+        sal_t = torch.from_numpy(np.ascontiguousarray(sal))[None].clamp_(0, 1) if sal is not None else None
+        return _random_crop(img, sal_t, cfg.crop_size, rng, self.pad_value)
+
+
+def _color_jitter(img: torch.Tensor, strength: list[float], rng: np.random.Generator) -> torch.Tensor:
+    """torchvision-style ColorJitter on a uint8 CHW tensor, with factors drawn from ``rng``."""
+    from torchvision.transforms.v2 import functional as TF
+
+    b, c, s, hue = strength
+    ops = []
+    if b > 0:
+        ops.append(functools.partial(TF.adjust_brightness, brightness_factor=float(rng.uniform(max(0, 1 - b), 1 + b))))
+    if c > 0:
+        ops.append(functools.partial(TF.adjust_contrast, contrast_factor=float(rng.uniform(max(0, 1 - c), 1 + c))))
+    if s > 0:
+        ops.append(functools.partial(TF.adjust_saturation, saturation_factor=float(rng.uniform(max(0, 1 - s), 1 + s))))
+    if hue > 0:
+        ops.append(functools.partial(TF.adjust_hue, hue_factor=float(rng.uniform(-hue, hue))))
+    for i in rng.permutation(len(ops)):
+        img = ops[i](img)
+    return img
+
+
+def _random_crop(img: torch.Tensor, sal: torch.Tensor | None, crop: int, rng: np.random.Generator,
+                 pad_value: torch.Tensor):
+    """psa's RandomCrop: a random ``crop`` window, padding where the image is smaller."""
+    _, h, w = img.shape
+
+    def offsets(size):
+        space = size - crop
+        if space > 0:
+            return 0, int(rng.integers(0, space + 1))   # canvas offset, image offset
+        return int(rng.integers(0, -space + 1)), 0
+
+    cy, iy = offsets(h)
+    cx, ix = offsets(w)
+    ch, cw = min(crop, h), min(crop, w)
+    out = pad_value.expand(3, crop, crop).clone()
+    out[:, cy:cy + ch, cx:cx + cw] = img[:, iy:iy + ch, ix:ix + cw]
+    out_sal = torch.zeros(1, crop, crop)
+    if sal is not None:
+        out_sal[:, cy:cy + ch, cx:cx + cw] = sal[:, iy:iy + ch, ix:ix + cw]
+    return out, out_sal
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the precision-recall curve (step-wise, as sklearn's average_precision_score)."""
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], targets[order].astype(np.float64)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    if tps[-1] == 0:
+        return float("nan")
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+@torch.no_grad()
+def evaluate_map(model: torch.nn.Module, reader: LabelledImages, ids: list[str], device: torch.device,
+                 num_classes: int, batch_size: int = 16) -> tuple[float, list[float]]:
+    """Multi-label mAP of the GAP logits on whole images (mean over classes with a positive)."""
+    was_training = model.training
+    model.eval()
+    scores, targets, pending = [], [], []
+
+    def flush():
+        x = torch.stack(pending).to(device, non_blocking=True)
+        scores.append(torch.sigmoid(image_logits(model(x), num_classes)).float().cpu().numpy())
+        pending.clear()
+
+    for image_id in ids:
+        img = torch.from_numpy(np.ascontiguousarray(reader.load_image(image_id))).permute(2, 0, 1)
+        if pending and (img.shape != pending[0].shape or len(pending) == batch_size):
+            flush()
+        pending.append(img.float().div_(255.0))
+        targets.append(np.asarray(reader.labels(image_id), dtype=np.float32))
+    if pending:
+        flush()
+    model.train(was_training)
+    scores_np, targets_np = np.concatenate(scores), np.stack(targets) > 0.5
+    aps = [average_precision(scores_np[:, c], targets_np[:, c]) for c in range(num_classes)]
+    present = [a for a in aps if not math.isnan(a)]
+    return (float(np.mean(present)) if present else float("nan")), aps
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class _Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    owns_group: bool
+
+
+def _setup_distributed(cfg: TrainClsConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainClsError("params key 'train_cls.device' is cuda but no CUDA device is available "
+                            "(use device: auto or cpu)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return _Dist(rank, world, local_rank, local_world, device, owns)
+
+
+def _default_threads(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    files = [REPO / "models" / f for f in ("__init__.py", "backbones.py", "classifier.py", "losses.py")]
+    for path in files + [Path(__file__).resolve()]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Path | None,
+                      saliency_dir: Path | None) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(list(reader.class_names)).encode())
+    for image_id in train_ids:
+        h.update(image_id.encode())
+        h.update(np.asarray(reader.labels(image_id), dtype=np.float32).tobytes())
+    if manifest is not None and manifest.is_file():
+        h.update(manifest.read_bytes())
+    if saliency_dir is not None and saliency_dir.is_dir():
+        for entry in sorted(os.scandir(saliency_dir), key=lambda e: e.name):
+            h.update(f"{entry.name}:{entry.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: TrainClsConfig, seed: int, world_size: int, data_fp: str) -> str:
+    """Identity of a training run: what a resume checkpoint must match."""
+    params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob = json.dumps({"train_cls": params, "seed": seed, "world_size": world_size, "data": data_fp,
+                       "code": _code_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def poly_lr(base: float, it: int, total: int, power: float) -> float:
+    """Learning rate at (0-based) iteration ``it`` of ``total``: ``base * (1 - it/total)^power``."""
+    return base * (1.0 - it / total) ** power
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _host_rng_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": random.getstate()}
+
+
+def _set_host_rng_state(state: dict) -> None:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+
+
+def _seed_worker(worker_id: int) -> None:
+    # augmentation draws from per-sample generators; this only keeps third-party global RNGs tidy
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class _Live:
+    """dvclive on rank 0 (no-op elsewhere); the history is replayed after a resume."""
+
+    def __init__(self, live_dir: Path | None):
+        self.live = None
+        if live_dir is not None:
+            from core.live_metrics import StageLive
+            self.live = StageLive(live_dir)
+
+    def log(self, step: int, metrics: dict[str, float], plot: bool = True) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for k, v in metrics.items():
+            self.live.log_metric(k, v, plot=plot)
+
+    def summary(self, extra: dict[str, Any]) -> None:
+        if self.live is None:
+            return
+
+        def merge(into: dict, new: dict) -> None:
+            for k, v in new.items():
+                if isinstance(v, dict) and isinstance(into.get(k), dict):
+                    merge(into[k], v)
+                else:
+                    into[k] = v
+
+        merge(self.live.summary, extra)
+        self.live.make_summary()
+
+    def end(self) -> None:
+        if self.live is not None:
+            self.live.make_summary()
+            self.live.end()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prepared/dataset.json",
+        saliency_dir: str | Path = "data/saliency", out_dir: str | Path = "data/train_cls",
+        state_dir: str | Path = ".state/train_cls", reader: LabelledImages | None = None,
+        saliency_fn: SaliencyFn | None = None, on_iteration: Callable[[int], None] | None = None,
+        progress: bool = True) -> dict:
+    """Train the classifier; returns the summary written to ``<out_dir>/live/metrics.json``.
+
+    ``reader`` (default: ``open_dataset(manifest)``) and ``saliency_fn(image_id, (h, w))``
+    (default: ``load_saliency(saliency_dir, ...)``) can be injected. ``on_iteration(i)`` is called
+    after iteration ``i`` (1-based) and its checkpoint, if any.
+    """
+    dctx = _setup_distributed(cfg)
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(cfg.threads or _default_threads(dctx.local_world_size))
+        # CPU kernels are deterministic; on CUDA a few are not and only warn
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return _train(cfg, seed, Path(manifest), Path(saliency_dir), Path(out_dir), Path(state_dir),
+                      reader, saliency_fn, on_iteration, progress, dctx)
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
+        if dctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_inputs(cfg: TrainClsConfig, reader: LabelledImages, saliency_dir: Path,
+                  custom_saliency: bool) -> tuple[list[str], list[str], torch.Tensor | None]:
+    names = list(reader.class_names)
+    if len(names) != reader.num_classes:
+        raise TrainClsError(f"dataset lists {len(names)} class names for {reader.num_classes} classes")
+    validate = getattr(reader, "validate", None)
+    if callable(validate):
+        validate(["train", "val"])
+    train_ids, val_ids = list(reader.ids("train")), list(reader.ids("val"))
+    if not train_ids:
+        raise TrainClsError("the dataset's train split is empty")
+    if not val_ids:
+        raise TrainClsError("the dataset's val split is empty (needed for the val mAP)")
+    for image_id in train_ids[:1] + val_ids[:1]:
+        y = np.asarray(reader.labels(image_id))
+        if y.shape != (reader.num_classes,):
+            raise TrainClsError(f"labels of '{image_id}' have shape {y.shape}, expected ({reader.num_classes},)")
+    predefined = None
+    if cfg.method == "eps" and cfg.map_selection == "predefined":
+        unknown = [n for n in cfg.predefined_background if n not in names]
+        if unknown:
+            raise TrainClsError(f"params key 'train_cls.predefined_background' names unknown classes "
+                                f"{unknown}; the dataset's classes are {names}")
+        predefined = torch.tensor([n in cfg.predefined_background for n in names])
+    if cfg.method == "eps" and not custom_saliency:
+        if not saliency_dir.is_dir():
+            raise TrainClsError(f"saliency folder not found: {saliency_dir} (run the saliency stage first)")
+        from core.saliency_maps import saliency_path
+        missing = [i for i in train_ids if not Path(saliency_path(saliency_dir, i)).is_file()]
+        if missing:
+            raise TrainClsError(f"{len(missing)} training images have no saliency map in {saliency_dir}, "
+                                f"e.g. {saliency_path(saliency_dir, missing[0])} (rerun the saliency stage "
+                                f"with the train split)")
+    if cfg.pretrained and cfg.weights_path and not Path(cfg.weights_path).is_file():
+        raise TrainClsError(f"params key 'train_cls.weights_path': file not found: {cfg.weights_path}")
+    return train_ids, val_ids, predefined
+
+
+def _param_groups(model: MapClassifier, cfg: TrainClsConfig) -> list[dict]:
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    return [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult,
+             "weight_decay": cfg.weight_decay}]
+
+
+def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, saliency_fn, on_iteration,
+           progress, dctx: _Dist) -> dict:
+    is_main = dctx.rank == 0
+    if reader is None:
+        from core.datasets import open_dataset
+        reader = open_dataset(manifest)
+    custom_saliency = saliency_fn is not None
+    train_ids, val_ids, predefined = _check_inputs(cfg, reader, saliency_dir, custom_saliency)
+    ResumableBatchSampler.check(len(train_ids), cfg.batch_size, dctx.world_size)
+    if cfg.method == "eps" and saliency_fn is None:
+        saliency_fn = functools.partial(_saliency_from_dir, str(saliency_dir))
+    num_classes = reader.num_classes
+
+    fingerprint = run_fingerprint(cfg, seed, dctx.world_size, _data_fingerprint(
+        reader, train_ids, manifest, None if custom_saliency else saliency_dir))
+    ckpt_path = state_dir / fingerprint / "ckpt.pt"
+
+    # the same initial weights in every process (DDP also broadcasts rank 0's)
+    torch.manual_seed(seed)
+    model = build_classifier(cfg.method, cfg.backbone, num_classes, output_stride=cfg.output_stride,
+                             pretrained=cfg.pretrained, weights_path=cfg.weights_path,
+                             head_dropout=cfg.head_dropout)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
+    if cfg.freeze_stem:
+        model.freeze_early_layers()
+    model.to(dctx.device)
+    optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+
+    start, history, elapsed_before = 0, [], 0.0
+    # dropout / drop-connect randomness differs per process, reproducibly
+    torch.manual_seed(seed * 1_000_003 + 7919 * (dctx.rank + 1))
+    np.random.seed(seed + dctx.rank)
+    random.seed(seed + dctx.rank)
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != CKPT_FORMAT or ckpt.get("fingerprint") != fingerprint:
+            raise TrainClsError(f"{ckpt_path} belongs to another run; delete it to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        rng = ckpt["rng"][dctx.rank]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and dctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], dctx.device)
+        _set_host_rng_state(ckpt["host_rng"][dctx.rank])
+        start, history, elapsed_before = int(ckpt["iteration"]), list(ckpt["history"]), float(ckpt["elapsed"])
+        if is_main:
+            print(f"train_cls: resuming from {ckpt_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
+
+    if is_main:
+        print(f"train_cls: {cfg.method} on {cfg.backbone} (output stride {model.output_stride}), "
+              f"{len(train_ids)} train / {len(val_ids)} val images, {cfg.iterations} iterations of batch "
+              f"{cfg.batch_size} on {dctx.world_size} x {dctx.device} ({torch.get_num_threads()} threads each); "
+              f"checkpoints in {ckpt_path.parent}", file=sys.stderr)
+    net = model
+    if dctx.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dctx.device.index] if dctx.device.type == "cuda" else None)
+
+    dataset = AugmentedImages(reader, train_ids, cfg, saliency_fn, model.backbone.input_mean)
+    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
+                                    dctx.rank, dctx.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=dctx.device.type == "cuda", worker_init_fn=_seed_worker,
+                        generator=torch.Generator().manual_seed(seed),
+                        persistent_workers=False)
+
+    live = _Live(out_dir / "live" if is_main else None)
+    for row in history:
+        live.log(row["step"], row["metrics"])
+
+    def save_checkpoint(iteration: int, elapsed: float) -> None:
+        rng, host = _rng_state(dctx.device), _host_rng_state()
+        rngs, hosts = [rng], [host]
+        if dctx.world_size > 1:
+            rngs, hosts = [None] * dctx.world_size, [None] * dctx.world_size
+            dist.all_gather_object(rngs, {k: (v.cpu() if v is not None else None) for k, v in rng.items()})
+            dist.all_gather_object(hosts, host)
+        if is_main:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"format": CKPT_FORMAT, "fingerprint": fingerprint, "iteration": iteration,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "rng": rngs, "host_rng": hosts, "history": history, "elapsed": elapsed,
+                            "data_order": {"seed": seed, "next_iteration": iteration,
+                                           "batch_size": cfg.batch_size, "world_size": dctx.world_size}},
+                           tmp)
+        if dctx.world_size > 1:
+            dist.barrier()
+
+    def reduce_mean(values: list[float]) -> list[float]:
+        if dctx.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=dctx.device)
+        dist.all_reduce(t)
+        return (t / dctx.world_size).tolist()
+
+    def run_eval(step: int) -> tuple[float, list[float]] | None:
+        result = None
+        if is_main:
+            result = evaluate_map(model, reader, val_ids, dctx.device, num_classes)
+            history.append({"step": step, "metrics": {"val/mAP": result[0]}})
+            live.log(step, {"val/mAP": result[0]})
+            live.summary({})
+        if dctx.world_size > 1:
+            dist.barrier()
+        return result
+
+    net.train()
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, initial=start, desc=f"train_cls {cfg.method}", unit="it",
+                   dynamic_ncols=True, file=sys.stderr)
+    window = np.zeros(3)
+    window_n = 0
+    warned_dead = False
+    train_time = 0.0
+    t_iter = time.perf_counter()
+    it = start
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(group["base_lr"], it, cfg.iterations, cfg.poly_power)
+        lr_now = poly_lr(cfg.lr, it, cfg.iterations, cfg.poly_power)
+        images = batch["image"].to(dctx.device, non_blocking=True)
+        labels = batch["labels"].to(dctx.device, non_blocking=True)
+        if labels.shape[1] != num_classes:
+            raise TrainClsError(f"labels have {labels.shape[1]} entries, the dataset has {num_classes} classes")
+        maps = net(images)
+        loss_cls = classification_loss(maps, labels)
+        if cfg.method == "eps":
+            sal = batch["saliency"].to(dctx.device, non_blocking=True)
+            loss_sal = saliency_loss(maps, sal, labels, cfg.map_selection, cfg.tau, cfg.lam, predefined)
+        else:
+            loss_sal = torch.zeros((), device=dctx.device)
+        loss = loss_cls + loss_sal
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_cls: loss is {loss.item()} at iteration {it + 1}; lower "
+                                     f"train_cls.lr (now {cfg.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        it += 1
+        window += (loss.item(), loss_cls.item(), loss_sal.item())
+        window_n += 1
+        now = time.perf_counter()
+        train_time += now - t_iter
+
+        if it % cfg.log_every == 0 or it == cfg.iterations:
+            means = reduce_mean((window / window_n).tolist())
+            metrics = {"train/loss": means[0], "train/loss_cls": means[1], "train/lr": lr_now}
+            if cfg.method == "eps":
+                metrics["train/loss_sal"] = means[2]
+            history.append({"step": it, "metrics": metrics})
+            live.log(it, metrics)
+            logits = image_logits(maps.detach(), num_classes)
+            spread = float(logits.std(dim=0).max()) if logits.shape[0] > 1 else 1.0
+            if is_main and spread < 1e-3 and not warned_dead:
+                warned_dead = True
+                print(f"train_cls: warning: at iteration {it} every image gets the same class scores (the "
+                      f"backbone's features died, typically from a too high learning rate); lower "
+                      f"train_cls.lr (now {cfg.lr})", file=sys.stderr)
+            live.summary({})
+            window[:] = 0
+            window_n = 0
+            if bar is not None:
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_now:.2e}")
+        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+            run_eval(it)
+        if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+            save_checkpoint(it, elapsed_before + train_time)
+        if bar is not None:
+            bar.update(1)
+        if on_iteration is not None:
+            on_iteration(it)
+        t_iter = time.perf_counter()
+    if bar is not None:
+        bar.close()
+
+    done = it - start
+    result = run_eval(cfg.iterations)
+    summary: dict[str, Any] = {}
+    if is_main:
+        val_map, aps = result
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        summary = {
+            "val": {"mAP": val_map,
+                    "AP": {n: (None if math.isnan(a) else a) for n, a in zip(reader.class_names, aps)}},
+            "perf": {"sec_per_iter": (train_time / done) if done else None,
+                     "iterations_this_run": done, "resumed_from": start,
+                     "train_seconds_total": elapsed_before + train_time,
+                     "processes": dctx.world_size, "device": str(dctx.device),
+                     "threads": torch.get_num_threads(), "peak_rss_mb": peak_kb / 1024.0},
+        }
+        if dctx.device.type == "cuda":
+            summary["perf"]["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dctx.device) / 2**20
+        meta = {"method": cfg.method, "backbone": cfg.backbone, "num_classes": num_classes,
+                "class_names": list(reader.class_names), "output_stride": model.output_stride,
+                "head_dropout": cfg.head_dropout, "seed": seed, "iterations": cfg.iterations,
+                "train_cls": to_dict(cfg), "val_mAP": val_map, "fingerprint": fingerprint}
+        save_classifier(out_dir / "classifier.pt", model, meta)
+        live.summary(summary)
+        live.end()
+        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
+        spi = summary["perf"]["sec_per_iter"]
+        print(f"train_cls: wrote {out_dir / 'classifier.pt'}: val mAP {val_map:.4f}"
+              + (f", {spi:.3f} s/iteration" if spi else "")
+              + f", peak memory {summary['perf']['peak_rss_mb']:.0f} MiB", file=sys.stderr)
+    if dctx.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tasks.train_cls", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (e.g. configs/voc12.yaml)")
+    ap.add_argument("--manifest", default="data/prepared/dataset.json")
+    ap.add_argument("--saliency-dir", default="data/saliency")
+    ap.add_argument("--out", default="data/train_cls")
+    ap.add_argument("--state-dir", default=".state/train_cls", help="resume checkpoints (outside DVC outputs)")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(params.train_cls, seed=params.seed, manifest=args.manifest, saliency_dir=args.saliency_dir,
+            out_dir=args.out, state_dir=args.state_dir)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainClsError, DatasetError, ...
+        print(f"train_cls: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

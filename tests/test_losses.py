@@ -1,0 +1,211 @@
+"""EPS losses: eq. 1-4 computed by hand on small tensors, and the three map selection strategies."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.losses import (classification_loss, estimated_saliency, image_logits, overlap_ratio,
+                           resize_saliency, saliency_loss, select_maps)
+
+
+def _by_hand(maps: np.ndarray, sal: np.ndarray, y: np.ndarray, tau: float, lam: float):
+    """Eq. 1-3 with plain python loops over pixels, for one image. maps (C+1, h, w)."""
+    k, h, w = maps.shape
+    c = k - 1
+    probs = np.zeros_like(maps)
+    for i in range(h):
+        for j in range(w):
+            e = [math.exp(maps[m, i, j]) for m in range(k)]
+            for m in range(k):
+                probs[m, i, j] = e[m] / sum(e)
+    fg = np.zeros((h, w))
+    bg = probs[c].copy()
+    chosen = []
+    for m in range(c):
+        b_i = probs[m] > 0.5
+        b_s = sal > 0.5
+        overlap = (b_i & b_s).sum() / b_i.sum() if b_i.sum() > 0 else 0.0
+        if y[m] == 1 and overlap > tau:
+            fg += probs[m]
+            chosen.append(("fg", m))
+        elif y[m] == 1:
+            bg += probs[m]
+            chosen.append(("bg", m))
+    est = lam * fg + (1 - lam) * (1 - bg)
+    loss = sum((sal[i, j] - est[i, j]) ** 2 for i in range(h) for j in range(w)) / (h * w)
+    return probs, fg, bg, est, loss, chosen
+
+
+def _case():
+    # C = 3 classes + background on a 3x3 map.
+    #  class 0 (present): confident on the left column, which the saliency covers -> foreground
+    #  class 1 (present): confident on the right column, outside the saliency -> background
+    #  class 2 (absent): confident in the middle, must not be used at all
+    maps = np.full((4, 3, 3), -2.0)
+    maps[0, :, 0] = 3.0
+    maps[1, :, 2] = 3.0
+    maps[2, 1, 1] = 4.0
+    maps[3] = 0.5
+    maps += np.linspace(-0.3, 0.3, 36).reshape(4, 3, 3)   # break symmetries
+    sal = np.array([[0.9, 0.6, 0.1], [1.0, 0.2, 0.0], [0.8, 0.4, 0.3]])
+    y = np.array([1.0, 1.0, 0.0])
+    return maps, sal, y
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.2])
+def test_saliency_loss_matches_eq_1_to_3_by_hand(lam):
+    maps, sal, y = _case()
+    probs, fg, bg, est, loss, chosen = _by_hand(maps, sal, y, tau=0.4, lam=lam)
+    assert chosen == [("fg", 0), ("bg", 1)]
+    t_maps = torch.tensor(maps[None], dtype=torch.float64)
+    t_sal = torch.tensor(sal[None], dtype=torch.float64)
+    t_y = torch.tensor(y[None], dtype=torch.float64)
+    out = estimated_saliency(t_maps, t_sal, t_y, "adaptive", 0.4, lam)
+    np.testing.assert_allclose(out["probs"][0].numpy(), probs, rtol=1e-12)
+    np.testing.assert_allclose(out["fg_map"][0].numpy(), fg, rtol=1e-12)
+    np.testing.assert_allclose(out["bg_map"][0].numpy(), bg, rtol=1e-12)
+    np.testing.assert_allclose(out["estimate"][0].numpy(), est, rtol=1e-12)
+    got = saliency_loss(t_maps, t_sal[:, None], t_y, "adaptive", 0.4, lam)
+    assert got.item() == pytest.approx(loss, rel=1e-12)
+
+
+def test_saliency_loss_averages_over_the_batch():
+    maps, sal, y = _case()
+    maps2 = maps[::-1].copy()        # a second, different image
+    y2 = np.array([0.0, 1.0, 1.0])
+    l1 = _by_hand(maps, sal, y, 0.4, 0.5)[4]
+    l2 = _by_hand(maps2, sal.T.copy(), y2, 0.4, 0.5)[4]
+    t = lambda a: torch.tensor(np.stack(a), dtype=torch.float64)  # noqa: E731
+    got = saliency_loss(t([maps, maps2]), t([sal, sal.T]), t([y, y2]), "adaptive", 0.4, 0.5)
+    assert got.item() == pytest.approx((l1 + l2) / 2, rel=1e-12)
+
+
+def test_classification_loss_matches_eq_4_by_hand():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(2, 4, 3, 3))
+    y = np.array([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    total = 0.0
+    for b in range(2):
+        s = 0.0
+        for i in range(3):
+            y_hat = maps[b, i].mean()                      # GAP of class map i (background excluded)
+            sig = 1 / (1 + math.exp(-y_hat))
+            s += y[b, i] * math.log(sig) + (1 - y[b, i]) * math.log(1 - sig)
+        total += -s / 3
+    got = classification_loss(torch.tensor(maps), torch.tensor(y))
+    assert got.item() == pytest.approx(total / 2, rel=1e-10)
+    np.testing.assert_allclose(image_logits(torch.tensor(maps), 3).numpy(), maps[:, :3].mean((2, 3)))
+
+
+def test_classification_loss_sends_no_gradient_to_the_background_map():
+    maps = torch.randn(2, 4, 5, 5, requires_grad=True)
+    classification_loss(maps, torch.tensor([[1.0, 0, 1], [0, 1, 0]])).backward()
+    assert torch.all(maps.grad[:, 3] == 0)
+    assert torch.all(maps.grad[:, :3].abs().sum((2, 3)) > 0)
+    # whereas L_sal does train the background map
+    maps.grad = None
+    saliency_loss(maps, torch.rand(2, 5, 5), torch.tensor([[1.0, 0, 1], [0, 1, 0]])).backward()
+    assert maps.grad[:, 3].abs().sum() > 0
+
+
+def test_selection_is_not_differentiated_through():
+    maps, sal, y = _case()
+    t_maps = torch.tensor(maps[None], requires_grad=True)
+    out = estimated_saliency(t_maps, torch.tensor(sal[None]), torch.tensor(y[None]))
+    assert not out["fg"].requires_grad and not out["bg"].requires_grad
+    # the gradient equals that of the same expression with the selection as constants
+    ((torch.tensor(sal[None]) - out["estimate"]) ** 2).mean().backward()
+    g = t_maps.grad.clone()
+    t2 = torch.tensor(maps[None], requires_grad=True)
+    p = torch.softmax(t2, 1)
+    est = 0.5 * p[:, 0] + 0.5 * (1 - (p[:, 1] + p[:, 3]))
+    ((torch.tensor(sal[None]) - est) ** 2).mean().backward()
+    torch.testing.assert_close(g, t2.grad)
+
+
+# --------------------------------------------------------------------------- map selection
+
+
+def _probs_from_masks(masks):
+    """(C, h, w) boolean masks -> class probabilities that are 0.9 inside, 0.05 outside."""
+    return torch.tensor(np.where(np.stack(masks), 0.9, 0.05))[None]
+
+
+def test_overlap_ratio_and_empty_maps():
+    sal = torch.zeros(1, 4, 4)
+    sal[0, :, :2] = 1.0                                      # left half is salient
+    inside = np.zeros((4, 4), bool); inside[:, 0] = True     # noqa: E702
+    half = np.zeros((4, 4), bool); half[0, :] = True         # noqa: E702  (2 of 4 pixels salient)
+    empty = np.zeros((4, 4), bool)
+    o = overlap_ratio(_probs_from_masks([inside, half, empty]), sal)
+    torch.testing.assert_close(o, torch.tensor([[1.0, 0.5, 0.0]], dtype=o.dtype))
+
+
+def test_adaptive_selection_picks_by_overlap_with_tau():
+    sal = torch.zeros(1, 10, 10)
+    sal[0, :, :5] = 1.0
+    def cols(lo, hi):
+        m = np.zeros((10, 10), bool)
+        m[:, lo:hi] = True
+        return m
+    # overlaps: 1.0, 0.4 (exactly tau), 0.5, 0.0, empty map, 1.0 but absent
+    probs = _probs_from_masks([cols(0, 3), cols(3, 8), cols(3, 7), cols(6, 9), np.zeros((10, 10), bool), cols(0, 2)])
+    labels = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
+    fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.4)
+    assert fg.tolist() == [[True, False, True, False, False, False]]
+    assert bg.tolist() == [[False, True, False, True, True, False]]   # O <= tau, and O = 0 for an empty map
+    fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.3)
+    assert fg.tolist() == [[True, True, True, False, False, False]]
+
+
+def test_naive_and_predefined_selection():
+    probs = torch.rand(2, 4, 3, 3)
+    sal = torch.zeros(2, 3, 3)                                # saliency plays no role in these two
+    labels = torch.tensor([[1.0, 0, 1, 1], [0, 1, 1, 0]])
+    fg, bg = select_maps(probs, sal, labels, "naive")
+    assert torch.equal(fg, labels.bool()) and not bg.any()
+    always_bg = torch.tensor([False, False, True, False])     # e.g. sofa/chair/diningtable on VOC
+    fg, bg = select_maps(probs, sal, labels, "predefined", predefined_background=always_bg)
+    assert fg.tolist() == [[True, False, False, True], [False, True, False, False]]
+    assert bg.tolist() == [[False, False, True, False], [False, False, True, False]]
+    with pytest.raises(ValueError, match="predefined"):
+        select_maps(probs, sal, labels, "predefined")
+    with pytest.raises(ValueError, match="unknown map selection"):
+        select_maps(probs, sal, labels, "greedy")
+
+
+def test_naive_selection_loss_by_hand():
+    maps, sal, y = _case()
+    t = lambda a: torch.tensor(a[None])  # noqa: E731
+    p = torch.softmax(t(maps), 1)[0].numpy()
+    est = 0.5 * (p[0] + p[1]) + 0.5 * (1 - p[3])               # every present class is foreground
+    got = saliency_loss(t(maps), t(sal), t(y), "naive", lam=0.5)
+    assert got.item() == pytest.approx(((sal - est) ** 2).mean(), rel=1e-12)
+
+
+def test_saliency_is_resized_to_the_map_size():
+    maps = torch.randn(2, 3, 4, 4)
+    labels = torch.tensor([[1.0, 0], [1, 1]])
+    sal = torch.rand(2, 1, 32, 32)
+    small = resize_saliency(sal, (4, 4))
+    assert small.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(small, F.interpolate(sal, (4, 4), mode="bilinear", antialias=True,
+                                                    align_corners=False))
+    torch.testing.assert_close(saliency_loss(maps, sal, labels), saliency_loss(maps, small, labels))
+    const = torch.full((1, 1, 32, 32), 0.7)
+    torch.testing.assert_close(resize_saliency(const, (4, 4)), torch.full((1, 1, 4, 4), 0.7))
+    # block-wise constant saliency stays block-wise ordered (left salient, right not)
+    halves = torch.zeros(1, 1, 32, 32)
+    halves[..., :16] = 1.0
+    r = resize_saliency(halves, (4, 4))[0, 0]
+    assert torch.all(r[:, 0] == 1) and torch.all(r[:, 3] == 0)
+
+
+def test_loss_requires_c_plus_1_maps():
+    with pytest.raises(ValueError, match="C\\+1"):
+        saliency_loss(torch.randn(1, 3, 2, 2), torch.rand(1, 2, 2), torch.tensor([[1.0, 0, 1]]))

@@ -1,0 +1,272 @@
+"""train_cls: augmentation, data order, mAP, a tiny run per method, resume after SIGKILL, DDP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from core.config import ConfigError, TrainClsConfig, build, load_params
+from models.classifier import load_classifier
+from tasks.train_cls import (AugmentedImages, ResumableBatchSampler, TrainClsError, average_precision,
+                             epoch_permutation, poly_lr, run)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class FakeReader:
+    """In-memory stand-in for core.datasets.SegDataset: coloured squares on class-specific context
+    stripes (co-occurrence), saliency = the squares."""
+
+    def __init__(self, num_train=12, num_val=6, size=40, num_classes=3, seed=0):
+        self.class_names = [f"obj{c}" for c in range(num_classes)]
+        self.num_classes = num_classes
+        self.context_names, self.context_class = [], {}
+        rng = np.random.default_rng(seed)
+        self._ids = {"train": [f"tr{i:03d}" for i in range(num_train)],
+                     "val": [f"va{i:03d}" for i in range(num_val)]}
+        self._data = {}
+        colours = rng.integers(0, 256, size=(2 * num_classes, 3))
+        for image_id in self._ids["train"] + self._ids["val"]:
+            img = rng.integers(90, 110, size=(size, size, 3)).astype(np.uint8)
+            sal = np.zeros((size, size), np.float32)
+            labels = np.zeros(num_classes, np.float32)
+            for c in rng.choice(num_classes, size=int(rng.integers(1, 3)), replace=False):
+                s = int(rng.integers(size // 5, size // 3))
+                y, x = (int(v) for v in rng.integers(0, size - s - 4, size=2))
+                img[y + s:y + s + 4, :] = colours[num_classes + c]        # the context stripe
+                img[y:y + s, x:x + s] = colours[c]
+                sal[y:y + s, x:x + s] = 1.0
+                labels[c] = 1.0
+            self._data[image_id] = (img, sal, labels)
+
+    def ids(self, split):
+        return list(self._ids[split])
+
+    def load_image(self, image_id):
+        return self._data[image_id][0].copy()
+
+    def labels(self, image_id):
+        return self._data[image_id][2].copy()
+
+    def saliency(self, image_id, hw):
+        sal = self._data[image_id][1]
+        assert sal.shape == tuple(hw)
+        return sal.copy()
+
+    def validate(self, splits):
+        for s in splits:
+            assert s in self._ids
+
+
+def tiny_cfg(**over) -> TrainClsConfig:
+    base = dict(backbone="efficientnet_lite0", output_stride=16, iterations=4, batch_size=4, crop_size=32,
+                resize_long=[28, 44], checkpoint_every=2, log_every=1, threads=1, workers=0, device="cpu")
+    base.update(over)
+    return build(TrainClsConfig, base, "train_cls")
+
+
+def _run(tmp_path, cfg, reader=None, **kw):
+    reader = reader or FakeReader()
+    return run(cfg, seed=3, reader=reader, saliency_fn=reader.saliency, out_dir=tmp_path / "out",
+               state_dir=tmp_path / "state", progress=False, **kw)
+
+
+# --------------------------------------------------------------------------- params
+
+
+def test_params_yaml_and_voc12_config_load():
+    default = load_params(REPO / "params.yaml").train_cls
+    assert default.method == "eps" and default.map_selection == "adaptive"
+    voc = load_params(REPO / "configs" / "voc12.yaml")
+    c = voc.train_cls
+    # the paper's setting (section 4): ResNet38 at output stride 8, crop 448, batch 8, lr 0.01
+    # (head 10x), 20k iterations, tau 0.4, lambda 0.5
+    assert (c.backbone, c.output_stride, c.crop_size, c.batch_size, c.lr, c.head_lr_mult, c.iterations,
+            c.tau, c.lam) == ("resnet38d", 8, 448, 8, 0.01, 10.0, 20000, 0.4, 0.5)
+    assert voc.dataset.kind == "voc"
+
+
+@pytest.mark.parametrize("over, key", [
+    (dict(backbone="resnet38d", output_stride=16, weights_path="x.pth"), "train_cls.output_stride"),
+    (dict(backbone="resnet50", pretrained=True, weights_path=""), "train_cls.weights_path"),
+    (dict(map_selection="predefined", predefined_background=[]), "train_cls.predefined_background"),
+    (dict(resize_long=[200, 100]), "train_cls.resize_long"),
+    (dict(color_jitter=[0.3, 0.3]), "train_cls.color_jitter"),
+    (dict(method="mil"), "train_cls.method"),
+])
+def test_bad_train_cls_params_name_the_key(over, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        tiny_cfg(**over)
+
+
+def test_bad_input_is_reported_before_training(tmp_path):
+    reader = FakeReader()
+    with pytest.raises(TrainClsError, match="predefined_background.*nope"):
+        _run(tmp_path, tiny_cfg(map_selection="predefined", predefined_background=["nope"]), reader)
+    with pytest.raises(TrainClsError, match="saliency folder not found"):
+        run(tiny_cfg(), reader=reader, saliency_dir=tmp_path / "missing", out_dir=tmp_path / "o",
+            state_dir=tmp_path / "s", progress=False)
+    with pytest.raises(TrainClsError, match="batch_size"):
+        _run(tmp_path, tiny_cfg(batch_size=64), reader)
+    assert not (tmp_path / "out" / "classifier.pt").exists()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_augmentation_moves_image_and_saliency_together():
+    reader = FakeReader(size=48)
+    cfg = tiny_cfg(crop_size=40, resize_long=[30, 70], color_jitter=[0.0, 0.0, 0.0, 0.0])
+    # saliency := the image's red channel, so any geometric mismatch shows
+    red = lambda image_id, hw: reader.load_image(image_id)[..., 0].astype(np.float32) / 255.0  # noqa: E731
+    ds = AugmentedImages(reader, reader.ids("train"), cfg, red, pad_value=(0.0, 0.0, 0.0))
+    for position in range(8):
+        sample = ds[(position % len(ds), (0, 0, position))]
+        img, sal = sample["image"], sample["saliency"]
+        assert img.shape == (3, 40, 40) and sal.shape == (1, 40, 40)
+        assert torch.allclose(img[0], sal[0], atol=1.5 / 255)
+        again = ds[(position % len(ds), (0, 0, position))]
+        assert torch.equal(again["image"], img)   # the sample seed fixes the augmentation
+
+
+def test_colour_jitter_changes_image_only():
+    reader = FakeReader()
+    ds = AugmentedImages(reader, reader.ids("train"), tiny_cfg(crop_size=40, resize_long=[40, 40], flip=False),
+                         reader.saliency, pad_value=(0.0, 0.0, 0.0))
+    sample = ds[(0, (0, 0, 1))]
+    assert not torch.allclose(sample["image"], torch.from_numpy(reader.load_image("tr000")).permute(2, 0, 1) / 255.0)
+    assert torch.equal(sample["saliency"][0], torch.from_numpy(reader.saliency("tr000", (40, 40))))
+
+
+def test_data_order_is_a_function_of_seed_and_iteration():
+    n, batch = 10, 4
+    full = list(ResumableBatchSampler(n, batch, seed=1, start=0, end=6))
+    assert len(full) == 6 and all(len(b) == batch for b in full)
+    per_epoch = n // batch
+    first_epoch = [i for b in full[:per_epoch] for i, _ in b]
+    assert len(set(first_epoch)) == len(first_epoch)               # no repeats inside an epoch
+    assert first_epoch == list(epoch_permutation(1, 0, n)[:per_epoch * batch])
+    assert list(ResumableBatchSampler(n, batch, seed=1, start=3, end=6)) == full[3:]
+    assert list(ResumableBatchSampler(n, batch, seed=2, start=0, end=6)) != full
+    ranks = [list(ResumableBatchSampler(n, batch, 1, 0, 6, rank=r, world_size=2)) for r in (0, 1)]
+    for it in range(6):                                          # ranks split the global batch
+        assert ranks[0][it] + ranks[1][it] == full[it]
+
+
+def test_average_precision_by_hand_and_poly_lr():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 1])
+    # positives at ranks 1, 3, 5: precisions 1, 2/3, 3/5
+    assert average_precision(scores, targets) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert np.isnan(average_precision(scores, np.zeros(5)))
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("method", ["eps", "cam"])
+def test_tiny_training_writes_a_loadable_classifier(tmp_path, method):
+    summary = _run(tmp_path, tiny_cfg(method=method))
+    model, meta = load_classifier(tmp_path / "out" / "classifier.pt")
+    assert meta["method"] == method and meta["num_classes"] == 3 and meta["output_stride"] == 16
+    assert meta["class_names"] == ["obj0", "obj1", "obj2"] and len(meta["sha256"]) == 64
+    with torch.no_grad():
+        maps = model(torch.rand(1, 3, 32, 32))
+    assert maps.shape == (1, 4 if method == "eps" else 3, 2, 2)
+    metrics = json.loads((tmp_path / "out" / "live" / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["mAP"] <= 1.0 and metrics["val"]["mAP"] == summary["val"]["mAP"]
+    assert set(metrics["val"]["AP"]) == {"obj0", "obj1", "obj2"} and metrics["perf"]["sec_per_iter"] > 0
+    plots = tmp_path / "out" / "live" / "plots" / "metrics" / "train"
+    assert (plots / "loss.tsv").is_file() and (plots / "lr.tsv").is_file()
+    assert (plots / "loss_sal.tsv").is_file() == (method == "eps")
+    assert len((plots / "loss.tsv").read_text().splitlines()) == 1 + 4
+    assert not any((tmp_path / "state").glob("*/ckpt.pt"))   # removed once the classifier exists
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_train_cls import FakeReader, tiny_cfg
+from tasks.train_cls import run
+reader = FakeReader()
+def on_iteration(i):
+    if i == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(tiny_cfg(iterations=6, checkpoint_every=2, head_dropout=0.3), seed=3, reader=reader,
+    saliency_fn=reader.saliency, out_dir={out!r}, state_dir={state!r}, progress=False,
+    on_iteration=on_iteration)
+"""
+
+
+def _script(tmp_path, name, kill_at, out, state):
+    path = tmp_path / name
+    path.write_text(_KILL_SCRIPT.format(tests=str(REPO / "tests"), kill_at=kill_at, out=str(out), state=str(state)))
+    return [sys.executable, str(path)]
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # uninterrupted reference run (in this process; one thread everywhere, so the same arithmetic)
+    reader = FakeReader()
+    run(tiny_cfg(iterations=6, checkpoint_every=2, head_dropout=0.3), seed=3, reader=reader,
+        saliency_fn=reader.saliency, out_dir=tmp_path / "ref", state_dir=tmp_path / "ref_state", progress=False)
+    # killed with SIGKILL during iteration 5 (checkpoints at 2 and 4), then rerun
+    killed = subprocess.run(_script(tmp_path, "kill.py", 5, tmp_path / "run", tmp_path / "state"),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "classifier.pt").exists()
+    ckpts = list((tmp_path / "state").glob("*/ckpt.pt"))
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=True)["iteration"] == 4
+    assert not list((tmp_path / "state").glob("*/.*tmp*"))       # no half-written checkpoint
+    resumed = subprocess.run(_script(tmp_path, "resume.py", -1, tmp_path / "run", tmp_path / "state"),
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "iteration 4/6" in resumed.stderr
+    a = torch.load(tmp_path / "ref" / "classifier.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run" / "classifier.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logged history is complete after the resume
+    loss_rows = (tmp_path / "run" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in loss_rows[1:]] == [str(i) for i in range(1, 7)]
+
+
+_DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_train_cls import FakeReader, tiny_cfg
+from tasks.train_cls import run
+reader = FakeReader()
+summary = run(tiny_cfg(iterations=3, batch_size=4, threads=1), seed=3, reader=reader,
+              saliency_fn=reader.saliency, out_dir={out!r}, state_dir={state!r}, progress=False)
+if summary:
+    print("SUMMARY", json.dumps(summary["perf"]))
+"""
+
+
+def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), out=str(tmp_path / "out"),
+                                         state=str(tmp_path / "state")))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    perf = json.loads(proc.stdout.split("SUMMARY", 1)[1].strip().splitlines()[0])
+    assert perf["processes"] == 2 and perf["iterations_this_run"] == 3
+    model, meta = load_classifier(tmp_path / "out" / "classifier.pt")
+    assert meta["method"] == "eps"
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
