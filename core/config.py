@@ -95,7 +95,8 @@ class SaliencyConfig:
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
     input_size: int = knob(1024, range=(32, 4096),
                            doc="square network input side (onnx/isnet); a model traced at another fixed size "
-                               "is re-specialised to it (IS-Net was trained at 1024)")
+                               "is re-specialised to it. IS-Net: 1024 (its training size, ~5 CPU-s/image) for "
+                               "real photos; the embedded dataset's params.yaml uses 320 (~0.5 CPU-s/image)")
     mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255]")
     std: list[float] = knob([256.0, 256.0, 256.0], doc="IS-Net: (x - 128) / 256")
     channel_order: str = knob("rgb", choices=("rgb", "bgr"), doc="channel order the onnx model expects")
@@ -150,7 +151,8 @@ class TrainClsConfig:
                                                     "(map_selection: predefined)")
     iterations: int = knob(500, range=(1, None))
     batch_size: int = knob(8, range=(1, None), doc="global batch (split over DDP processes)")
-    lr: float = knob(0.01, range=(0.0, None), doc="backbone learning rate (poly decay)")
+    lr: float = knob(0.001, range=(0.0, None), doc="backbone learning rate (poly decay); the paper's 0.01 "
+                                                   "is in configs/voc12.yaml")
     head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the 1x1 head")
     momentum: float = knob(0.9, range=(0.0, 1.0))
     weight_decay: float = knob(5e-4, range=(0.0, None))
@@ -213,6 +215,9 @@ class TrainSegConfig:
     momentum: float = knob(0.9, range=(0.0, 1.0))
     weight_decay: float = knob(5e-4, range=(0.0, None))
     poly_power: float = knob(0.9, range=(0.0, None))
+    grad_clip: float = knob(0.0, range=(0.0, None),
+                            doc="max global gradient norm; 0 = no clipping (DeepLab). Keeps the frozen-BN "
+                                "ReLU6 features of EfficientNet alive in the first iterations")
     crop_size: int = knob(321, range=(16, 4096))
     scale_range: list[float] = knob([0.5, 1.5], doc="random rescale factor drawn from [min, max]")
     flip: bool = knob(True, doc="random horizontal flip")

@@ -1,0 +1,665 @@
+"""Stage ``train_seg``: train DeepLab (v1 LargeFOV or v2 ASPP) on the pseudo-masks.
+
+``python -m tasks.train_seg [--params params.yaml]`` reads ``data/prepared/dataset.json`` and
+``data/pseudo_masks.h5`` (``train_seg.mask_source: pseudo``) or the dataset's own masks
+(``ground_truth``, the fully supervised upper bound), and writes ``data/train_seg/segmenter.pt``
+(read by :func:`models.deeplab.load_segmenter`) and dvclive metrics/plots in
+``data/train_seg/live/``. Several processes: ``torchrun --nproc_per_node=N -m tasks.train_seg``
+(DDP; gloo on CPU, nccl on CUDA); ``train_seg.batch_size`` is the global batch.
+
+Training follows DeepLab-v2: SGD with momentum, poly learning rate, the head at ``head_lr_mult``
+times the backbone rate, random rescale (a factor in ``scale_range``), horizontal flip and a random
+``crop_size`` crop padded with the mean colour (image) and 255 (mask). Pixels labelled 255 (padding,
+or pixels a pseudo-mask left undecided) are ignored by the cross-entropy. The HDF5 file is opened
+lazily in each data-loader process (an h5py handle must not cross a fork).
+
+Resume. Every ``checkpoint_every`` iterations a checkpoint is written atomically to
+``.state/train_seg/<fingerprint>/ckpt.pt`` (outside the DVC output, which DVC deletes before a
+rerun): weights, optimiser, iteration, the logged history. The data order and every augmentation
+are pure functions of (seed, iteration, position) and the torch generator (dropout) is reseeded
+from (seed, iteration, rank) at every iteration, so a rerun after a kill continues with the same
+batches and random numbers and, on CPU, ends with bit-identical weights. The fingerprint covers the
+params that change the result, the seed, the number of processes, the data (manifest, train ids,
+the pseudo-mask file's checksum) and the code of ``models/`` and this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from core.config import TrainSegConfig, load_params, to_dict
+from models.deeplab import DeepLab, build_deeplab, save_segmenter
+
+REPO = Path(__file__).resolve().parents[1]
+IGNORE = 255
+# operational knobs: changing them does not change the trained weights, so a run may resume
+_NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
+CKPT_FORMAT = "eps-wsss-train-seg-ckpt/1"
+
+
+class TrainSegError(ValueError):
+    """Bad input for the train_seg stage; the message names the file, id or params key."""
+
+
+class SegImages(Protocol):
+    """The part of ``core.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
+
+    class_names: list[str]
+    num_classes: int
+
+    def ids(self, split: str) -> list[str]: ...
+    def load_image(self, image_id: str) -> np.ndarray: ...
+    def load_mask(self, image_id: str) -> np.ndarray | None: ...
+    def has_masks(self, split: str) -> bool: ...
+
+
+# --------------------------------------------------------------------------- masks
+
+
+class MaskSource:
+    """Training masks by image id: the pseudo-mask HDF5 file or the dataset's ground truth.
+
+    Picklable and fork-safe: the HDF5 file is (re)opened lazily in whichever process reads it.
+    """
+
+    def __init__(self, kind: str, reader: SegImages, h5_path: str | Path | None = None):
+        if kind not in ("pseudo", "ground_truth"):
+            raise TrainSegError(f"params key 'train_seg.mask_source' = {kind!r} is not pseudo or ground_truth")
+        self.kind, self.reader = kind, reader
+        self.h5_path = Path(h5_path) if h5_path is not None else None
+        self._h5 = None
+        self._pid = None
+
+    def _file(self):
+        if self._h5 is None or self._pid != os.getpid():
+            from core.pseudo_masks import PseudoMasks
+            self._h5, self._pid = PseudoMasks(self.h5_path), os.getpid()
+        return self._h5
+
+    def where(self, image_id: str) -> str:
+        if self.kind == "pseudo":
+            return f"{self.h5_path} (masks/{image_id})"
+        path = getattr(self.reader, "mask_path", lambda _i: None)(image_id)
+        return str(path) if path is not None else f"ground-truth mask of '{image_id}'"
+
+    def load(self, image_id: str) -> np.ndarray:
+        if self.kind == "pseudo":
+            mask = self._file().mask(image_id)
+        else:
+            mask = self.reader.load_mask(image_id)
+            if mask is None:
+                raise TrainSegError(f"image '{image_id}' has no ground-truth mask "
+                                    f"(train_seg.mask_source: ground_truth needs masks for the train split)")
+        return np.asarray(mask)
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_h5"], state["_pid"] = None, None
+        return state
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, 11, epoch, position]))
+
+
+def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: a pure function of (seed, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, 10, epoch])).permutation(num_items)
+
+
+class ResumableBatchSampler(Sampler):
+    """Yields, for iterations ``start..end-1``, this process's share of the global batch.
+
+    Items are ``(index, (seed, epoch, position))`` so the dataset can seed the sample's
+    augmentation; everything depends only on (seed, iteration), which makes resume exact.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, end: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise TrainSegError(f"params key 'train_seg.batch_size' ({batch_size}) must be divisible by the "
+                                f"number of processes ({world_size})")
+        if num_items < batch_size:
+            raise TrainSegError(f"params key 'train_seg.batch_size' ({batch_size}) exceeds the number of "
+                                f"training images ({num_items})")
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.start, self.end, self.rank, self.world_size = start, end, rank, world_size
+        self.per_epoch = num_items // batch_size  # incomplete last batch dropped
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self) -> Iterator[list]:
+        local = self.batch_size // self.world_size
+        perm_epoch, perm = -1, None
+        for it in range(self.start, self.end):
+            epoch, b = divmod(it, self.per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(self.seed, epoch, self.num_items)
+            first = b * self.batch_size + self.rank * local
+            yield [(int(perm[p]), (self.seed, epoch, p)) for p in range(first, first + local)]
+
+
+class SegTrainSamples(Dataset):
+    """Training pairs (image, mask) with DeepLab's augmentation.
+
+    Random rescale by a factor in ``scale_range`` (bilinear image, nearest mask), horizontal
+    flip, and a random ``crop`` window that pads where the image is smaller: the image with
+    ``pad_value`` (the backbone's mean colour, 0 after normalisation), the mask with 255.
+    Returns ``image`` float32 (3, crop, crop) in [0, 1] and ``mask`` int64 (crop, crop).
+    """
+
+    def __init__(self, reader: SegImages, ids: list[str], masks: MaskSource, crop: int,
+                 scale_range: tuple[float, float], flip: bool, pad_value: tuple[float, float, float]):
+        self.reader, self.ids, self.masks = reader, list(ids), masks
+        self.num_classes = int(reader.num_classes)
+        self.crop, self.scale_range, self.flip = crop, tuple(scale_range), flip
+        self.pad_value = np.asarray(pad_value, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        index, (seed, epoch, position) = key
+        image_id = self.ids[index]
+        image = np.asarray(self.reader.load_image(image_id))
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise TrainSegError(f"image '{image_id}': expected HxWx3 uint8, got {image.shape} {image.dtype}")
+        mask = self.masks.load(image_id)
+        if mask.shape != image.shape[:2]:
+            raise TrainSegError(f"mask {self.masks.where(image_id)} is {mask.shape}, image "
+                                f"'{image_id}' is {image.shape[:2]}; re-export the masks for this dataset")
+        bad = (mask > self.num_classes) & (mask != IGNORE)
+        if bad.any():
+            raise TrainSegError(f"mask {self.masks.where(image_id)} holds label {int(mask[bad][0])}; allowed "
+                                f"0..{self.num_classes} and {IGNORE} (ignore)")
+        image, mask = augment(image, mask, _sample_rng(seed, epoch, position), self.crop,
+                              self.scale_range, self.flip, self.pad_value)
+        return {"image": torch.from_numpy(image).permute(2, 0, 1),
+                "mask": torch.from_numpy(mask.astype(np.int64))}
+
+
+def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: int,
+            scale_range: tuple[float, float], flip: bool, pad_value: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale, flip and crop (with padding); image float32 HxWx3 in [0, 1], mask uint8."""
+    lo, hi = scale_range
+    scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+    h, w = mask.shape
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    if flip and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    h, w = mask.shape
+
+    def offsets(size: int) -> tuple[int, int]:
+        space = size - crop
+        if space > 0:
+            return 0, int(rng.integers(0, space + 1))  # canvas offset, image offset
+        return int(rng.integers(0, -space + 1)), 0
+
+    cy, iy = offsets(h)
+    cx, ix = offsets(w)
+    ch, cw = min(crop, h), min(crop, w)
+    out = np.empty((crop, crop, 3), dtype=np.float32)
+    out[:] = pad_value
+    out[cy:cy + ch, cx:cx + cw] = image[iy:iy + ch, ix:ix + cw].astype(np.float32) / 255.0
+    out_mask = np.full((crop, crop), IGNORE, dtype=np.uint8)
+    out_mask[cy:cy + ch, cx:cx + cw] = mask[iy:iy + ch, ix:ix + cw]
+    return out, out_mask
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pixel cross-entropy of logits upsampled to the mask size; 255 is ignored.
+
+    A batch whose pixels are all ignored contributes a zero loss (not NaN).
+    """
+    logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+    total = F.cross_entropy(logits, mask, ignore_index=IGNORE, reduction="sum")
+    return total / (mask != IGNORE).sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def quick_val_miou(model: torch.nn.Module, reader: SegImages, ids: list[str], device: torch.device,
+                   num_classes: int) -> float:
+    """Single-scale val mIoU (no flip, no CRF) for the training curves; predict_seg does the rest."""
+    from core.metrics import confusion_matrix, scores_from_confusion
+
+    was_training = model.training
+    model.eval()
+    conf = np.zeros((num_classes + 1, num_classes + 2), dtype=np.int64)
+    for image_id in ids:
+        gt = reader.load_mask(image_id)
+        if gt is None:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(reader.load_image(image_id))).permute(2, 0, 1)
+        x = x[None].float().div_(255.0).to(device)
+        logits = F.interpolate(model(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+        conf += confusion_matrix(gt, pred, num_classes + 1)
+    model.train(was_training)
+    return float(scores_from_confusion(conf)["miou"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclasses.dataclass
+class _Dist:
+    rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    owns_group: bool
+
+
+def _setup_distributed(cfg: TrainSegConfig) -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainSegError("params key 'train_seg.device' is cuda but no CUDA device is available "
+                            "(use device: auto or cpu)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return _Dist(rank, world, local_world, device, owns)
+
+
+def _default_threads(local_world_size: int) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    for path in sorted((REPO / "models").glob("*.py")) + [Path(__file__).resolve()]:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(cfg: TrainSegConfig, seed: int, world_size: int, data_fp: str) -> str:
+    """Identity of a training run: what a resume checkpoint must match."""
+    params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    blob = json.dumps({"train_seg": params, "seed": seed, "world_size": world_size, "data": data_fp,
+                       "code": _code_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def poly_lr(base: float, it: int, total: int, power: float) -> float:
+    """Learning rate at (0-based) iteration ``it`` of ``total``: ``base * (1 - it/total)^power``."""
+    return base * (1.0 - it / total) ** power
+
+
+def _init_loader_worker(worker_id: int) -> None:
+    # one OpenCV thread per loader process: the processes already run in parallel
+    cv2.setNumThreads(1)
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """Seed of the torch generator (dropout) for one iteration of one process."""
+    return int(np.random.SeedSequence([seed, 12, iteration, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Live:
+    """dvclive on rank 0 (no-op elsewhere); the history is replayed after a resume."""
+
+    def __init__(self, live_dir: Path | None):
+        self.live = None
+        if live_dir is not None:
+            from core.live_metrics import StageLive
+            self.live = StageLive(live_dir)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        self.live.step = step
+        for k, v in metrics.items():
+            self.live.log_metric(k, v)
+        self.live.make_summary()
+
+    def end(self, extra: dict[str, Any]) -> None:
+        if self.live is not None:
+            self.live.summary.update(extra)
+            self.live.end()
+
+
+# --------------------------------------------------------------------------- input checks
+
+
+def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
+                 manifest: Path | None = None, progress: bool = False) -> tuple[list[str], list[str], str]:
+    """Everything that can be checked before training starts; returns train ids, val ids and
+    the data fingerprint. Every training mask is read once: present, of its image's size, labels
+    in ``0..C`` or 255. Errors name the file, id or params key."""
+    names = list(reader.class_names)
+    if len(names) != reader.num_classes:
+        raise TrainSegError(f"dataset lists {len(names)} class names for {reader.num_classes} classes")
+    train_ids, val_ids = list(reader.ids("train")), list(reader.ids("val"))
+    if not train_ids:
+        raise TrainSegError("the dataset's train split is empty")
+    if cfg.batch_size > len(train_ids):
+        raise TrainSegError(f"params key 'train_seg.batch_size' ({cfg.batch_size}) exceeds the number of "
+                            f"training images ({len(train_ids)})")
+    if cfg.pretrained and cfg.weights_path and not Path(cfg.weights_path).is_file():
+        raise TrainSegError(f"params key 'train_seg.weights_path': file not found: {cfg.weights_path}")
+    h = hashlib.sha256(json.dumps({"classes": names, "train": train_ids, "source": cfg.mask_source}).encode())
+    if manifest is not None and Path(manifest).is_file():
+        h.update(Path(manifest).read_bytes())
+    masks = MaskSource(cfg.mask_source, reader, masks_path)
+    if cfg.mask_source == "pseudo":
+        from core.pseudo_masks import PseudoMasks
+        with PseudoMasks(masks_path) as pm:
+            if pm.class_names[1:] != names:
+                raise TrainSegError(f"{masks_path} was exported for classes {pm.class_names[1:]}, the dataset "
+                                    f"has {names}; rerun export_masks")
+            missing = [i for i in train_ids if i not in pm]
+            if missing:
+                raise TrainSegError(f"{masks_path} has no pseudo-mask for {len(missing)} training images, "
+                                    f"e.g. '{missing[0]}' (export_masks must cover the train split)")
+        h.update(file_sha256(masks_path).encode())
+    elif not reader.has_masks("train"):
+        raise TrainSegError("params key 'train_seg.mask_source' is ground_truth but the dataset's train "
+                            "split has no masks")
+    image_size = getattr(reader, "image_size", None)
+    ids = train_ids
+    if progress:
+        from tqdm import tqdm
+        ids = tqdm(train_ids, desc=f"train_seg: checking {cfg.mask_source} masks", unit="mask",
+                   dynamic_ncols=True, file=sys.stderr, leave=False)
+    try:
+        for image_id in ids:
+            mask = masks.load(image_id)
+            if mask.ndim != 2:
+                raise TrainSegError(f"mask {masks.where(image_id)} has shape {mask.shape}; masks are HxW label maps")
+            if callable(image_size) and tuple(mask.shape) != tuple(image_size(image_id)):
+                raise TrainSegError(f"mask {masks.where(image_id)} is {tuple(mask.shape)}, the image is "
+                                    f"{tuple(image_size(image_id))}"
+                                    + ("; rerun export_masks" if cfg.mask_source == "pseudo" else ""))
+            bad = (mask > reader.num_classes) & (mask != IGNORE)
+            if bad.any():
+                raise TrainSegError(f"mask {masks.where(image_id)} holds label {int(mask[bad][0])}; allowed "
+                                    f"0..{reader.num_classes} and {IGNORE} (ignore)")
+            if cfg.mask_source == "ground_truth":
+                h.update(image_id.encode())
+                h.update(hashlib.sha256(np.ascontiguousarray(mask).tobytes()).digest())
+    finally:
+        masks.close()
+    return train_ids, val_ids, h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prepared/dataset.json",
+        masks_path: str | Path = "data/pseudo_masks.h5", out_dir: str | Path = "data/train_seg",
+        state_dir: str | Path = ".state/train_seg", metrics_path: str | Path | None = "data/metrics/train_seg.json",
+        reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
+        progress: bool = True) -> dict:
+    """Train the segmenter; returns the summary written to ``<out_dir>/live/metrics.json``
+    (and to ``metrics_path``, the file the pipeline summary lists).
+
+    ``reader`` defaults to ``open_dataset(manifest)``. ``on_iteration(i)`` is called after
+    iteration ``i`` (1-based) and its checkpoint, if any.
+    """
+    dctx = _setup_distributed(cfg)
+    threads_before = torch.get_num_threads()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(cfg.threads or _default_threads(dctx.local_world_size))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
+                      Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx)
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.use_deterministic_algorithms(deterministic_before)
+        if dctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
+           state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
+           progress: bool, dctx: _Dist) -> dict:
+    is_main = dctx.rank == 0
+    if reader is None:
+        from core.datasets import open_dataset
+        reader = open_dataset(manifest)
+    train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and is_main)
+    num_classes = reader.num_classes
+    fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)
+    ckpt_path = state_dir / fingerprint / "ckpt.pt"
+
+    torch.manual_seed(seed)  # the same initial head in every process (DDP also broadcasts rank 0's)
+    model = build_deeplab(cfg.head, cfg.backbone, num_classes, output_stride=cfg.output_stride,
+                          pretrained=cfg.pretrained, weights_path=cfg.weights_path,
+                          largefov_rate=cfg.largefov_rate, largefov_channels=cfg.largefov_channels,
+                          dropout=cfg.dropout, aspp_rates=cfg.aspp_rates)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
+    model.to(dctx.device)
+    optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
+                                lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    start, history, elapsed_before = 0, [], 0.0
+    if ckpt_path.is_file():
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise TrainSegError(f"resume checkpoint {ckpt_path} is unreadable ({e}); delete it to start over") from e
+        if ckpt.get("format") != CKPT_FORMAT or ckpt.get("fingerprint") != fingerprint:
+            raise TrainSegError(f"{ckpt_path} belongs to another run; delete it to start over")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, history, elapsed_before = int(ckpt["iteration"]), list(ckpt["history"]), float(ckpt["elapsed"])
+        if is_main:
+            print(f"train_seg: resuming from {ckpt_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
+
+    net: torch.nn.Module = model
+    if dctx.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dctx.device.index] if dctx.device.type == "cuda" else None)
+
+    masks = MaskSource(cfg.mask_source, reader, masks_path)
+    dataset = SegTrainSamples(reader, train_ids, masks, cfg.crop_size, tuple(cfg.scale_range), cfg.flip,
+                              model.backbone.input_mean)
+    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
+                                    dctx.rank, dctx.world_size)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                        pin_memory=dctx.device.type == "cuda", worker_init_fn=_init_loader_worker,
+                        generator=torch.Generator().manual_seed(seed))
+
+    live = _Live(out_dir / "live" if is_main else None)
+    for row in history:
+        live.log(row["step"], row["metrics"])
+
+    def save_checkpoint(iteration: int, elapsed: float) -> None:
+        if is_main:
+            from core.atomic import atomic_path
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"format": CKPT_FORMAT, "fingerprint": fingerprint, "iteration": iteration,
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "history": history, "elapsed": elapsed}, tmp)
+        if dctx.world_size > 1:
+            dist.barrier()
+
+    def mean_over_processes(value: float) -> float:
+        if dctx.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=dctx.device)
+        dist.all_reduce(t)
+        return float(t.item()) / dctx.world_size
+
+    def run_eval(step: int) -> float | None:
+        miou = None
+        if is_main and val_ids and reader.has_masks("val"):
+            miou = quick_val_miou(model, reader, val_ids, dctx.device, num_classes)
+            history.append({"step": step, "metrics": {"val/mIoU_single_scale": miou}})
+            live.log(step, {"val/mIoU_single_scale": miou})
+        if dctx.world_size > 1:
+            dist.barrier()
+        return miou
+
+    net.train()
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.iterations, initial=start, desc=f"train_seg {cfg.head} ({cfg.mask_source})",
+                   unit="it", dynamic_ncols=True, file=sys.stderr)
+    window, window_n, window_norm, train_time = 0.0, 0, 0.0, 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    t_iter = time.perf_counter()
+    it = start
+    for batch in loader:
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(group["initial_lr"], it, cfg.iterations, cfg.poly_power)
+        lr_now = poly_lr(cfg.lr, it, cfg.iterations, cfg.poly_power)
+        torch.manual_seed(iteration_seed(seed, it, dctx.rank))  # dropout: a function of the iteration
+        images = batch["image"].to(dctx.device, non_blocking=True)
+        target = batch["mask"].to(dctx.device, non_blocking=True)
+        loss = segmentation_loss(net(images), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train_seg: loss is {loss.item()} at iteration {it + 1}; lower "
+                                     f"train_seg.lr (now {cfg.lr})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
+            window_norm += grad_norm
+        optimizer.step()
+        it += 1
+        window += loss.item()
+        window_n += 1
+        now = time.perf_counter()
+        train_time += now - t_iter
+
+        if it % cfg.log_every == 0 or it == cfg.iterations:
+            mean_loss = mean_over_processes(window / window_n)
+            metrics = {"train/loss": mean_loss, "train/lr": lr_now}
+            if cfg.grad_clip > 0:
+                metrics["train/grad_norm"] = window_norm / window_n  # before clipping
+            history.append({"step": it, "metrics": metrics})
+            live.log(it, metrics)
+            window, window_n, window_norm = 0.0, 0, 0.0
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
+        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+            run_eval(it)
+        if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
+            save_checkpoint(it, elapsed_before + train_time)
+        if bar is not None:
+            bar.update(1)
+        if on_iteration is not None:
+            on_iteration(it)
+        t_iter = time.perf_counter()
+    if bar is not None:
+        bar.close()
+    masks.close()
+
+    done = it - start
+    val_miou = run_eval(cfg.iterations)
+    summary: dict[str, Any] = {}
+    if is_main:
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        total_time = elapsed_before + train_time
+        summary = {
+            "val/mIoU_single_scale": val_miou,
+            "perf": {"train_seconds": total_time, "sec_per_iter": (train_time / done) if done else None,
+                     "iterations_this_run": done, "resumed_from": start,
+                     "processes": dctx.world_size, "device": str(dctx.device),
+                     "threads": torch.get_num_threads(), "workers": cfg.workers,
+                     "peak_rss_mb": peak_kb / 1024.0},
+        }
+        if dctx.device.type == "cuda":
+            summary["perf"]["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dctx.device) / 2**20
+        meta = {"head": cfg.head, "backbone": cfg.backbone, "num_classes": num_classes,
+                "class_names": list(reader.class_names), "output_stride": model.output_stride,
+                "largefov_rate": cfg.largefov_rate, "largefov_channels": cfg.largefov_channels,
+                "dropout": cfg.dropout, "aspp_rates": list(cfg.aspp_rates),
+                "mask_source": cfg.mask_source, "seed": seed, "train_seg": to_dict(cfg),
+                "fingerprint": fingerprint, "train_seconds": total_time}
+        if cfg.mask_source == "pseudo":
+            meta["pseudo_masks_sha256"] = file_sha256(masks_path)
+        save_segmenter(out_dir / "segmenter.pt", model, meta)
+        live.end(summary)
+        if metrics_path is not None:
+            from core.atomic import write_text_atomic
+            write_text_atomic(metrics_path, json.dumps(
+                {"mask_source": cfg.mask_source, "head": cfg.head, "backbone": cfg.backbone,
+                 "iterations": cfg.iterations, **summary}, indent=2) + "\n")
+        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
+    if dctx.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tasks.train_seg", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (e.g. configs/voc12_seg.yaml)")
+    ap.add_argument("--manifest", default="data/prepared/dataset.json")
+    ap.add_argument("--masks", default="data/pseudo_masks.h5", help="pseudo-mask HDF5 file (mask_source: pseudo)")
+    ap.add_argument("--out", default="data/train_seg")
+    ap.add_argument("--state-dir", default=".state/train_seg", help="resume checkpoints (outside DVC outputs)")
+    ap.add_argument("--metrics", default="data/metrics/train_seg.json", help="summary metrics ('' = none)")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
+            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainSegError, DatasetError, ...
+        print(f"train_seg: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

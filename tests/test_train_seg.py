@@ -1,0 +1,454 @@
+"""train_seg / predict_seg: augmentation, HDF5 masks through workers, resume after SIGKILL, DDP,
+prediction shapes and the ignore label, and the whole DAG in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from conftest import write_voc_dataset
+from core.config import PredictSegConfig, TrainSegConfig, build
+from core.datasets import VOCDataset
+from core.pseudo_masks import PngMasks, PseudoMaskWriter
+from models.deeplab import load_segmenter
+from tasks import predict_seg, train_seg
+from tasks.train_seg import (IGNORE, MaskSource, ResumableBatchSampler, SegTrainSamples, TrainSegError,
+                             augment, segmentation_loss)
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "boat")
+
+
+def make_dataset(root: Path, n_train: int = 8, n_val: int = 3, size: tuple[int, int] = (32, 32)) -> VOCDataset:
+    write_voc_dataset(root, n_train=n_train, n_val=n_val, size=size, class_names=CLASSES)
+    return VOCDataset(root, labels=root / "cls_labels.npy")
+
+
+def pseudo_mask(gt: np.ndarray) -> np.ndarray:
+    """A pseudo-mask that differs from the ground truth: the object boxes shifted by one pixel,
+    the top row left undecided (255)."""
+    out = np.roll(np.where(gt == 255, 0, gt), 1, axis=1).astype(np.uint8)
+    out[0] = 255
+    return out
+
+
+def write_pseudo_masks(path: Path, reader: VOCDataset, ids=None) -> Path:
+    with PseudoMaskWriter(path, list(reader.class_names), {"method": "test"}) as w:
+        for image_id in ids if ids is not None else reader.ids("train") + reader.ids("val"):
+            w.add(image_id, pseudo_mask(reader.load_mask(image_id)))
+    return path
+
+
+def tiny_cfg(**over) -> TrainSegConfig:
+    base = dict(head="aspp", backbone="efficientnet_lite0", output_stride=16, aspp_rates=[1, 2], iterations=4,
+                batch_size=4, crop_size=32, scale_range=[0.75, 1.25], lr=1e-3, checkpoint_every=2, log_every=1,
+                threads=1, workers=0, device="cpu")
+    base.update(over)
+    return build(TrainSegConfig, base, "train_seg")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_augment_keeps_image_and_mask_aligned_and_pads_with_ignore():
+    rng = np.random.default_rng(0)
+    mask = rng.integers(0, 4, size=(20, 28)).astype(np.uint8)
+    image = np.stack([mask * 60, mask * 10, np.full_like(mask, 7)], axis=-1).astype(np.uint8)
+    pad = np.array([0.5, 0.25, 0.75], np.float32)
+    seen_flip = set()
+    for seed in range(12):
+        img, m = augment(image, mask, np.random.default_rng(seed), crop=36, scale_range=(1.0, 1.0),
+                         flip=True, pad_value=pad)
+        assert img.shape == (36, 36, 3) and img.dtype == np.float32 and m.shape == (36, 36)
+        pad_px = m == IGNORE
+        assert pad_px.sum() == 36 * 36 - 20 * 28                      # the crop is larger: all of it kept
+        np.testing.assert_allclose(img[pad_px], np.broadcast_to(pad, img[pad_px].shape))
+        inside = ~pad_px
+        np.testing.assert_array_equal(np.round(img[inside][:, 0] * 255 / 60).astype(np.uint8), m[inside])
+        rows = np.flatnonzero(inside.any(1))
+        cols = np.flatnonzero(inside.any(0))
+        block = m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        seen_flip.add("flip" if np.array_equal(block, mask[:, ::-1]) else "same")
+        assert np.array_equal(block, mask) or np.array_equal(block, mask[:, ::-1])
+    assert seen_flip == {"flip", "same"}
+    # rescaling: masks stay labels (nearest), never interpolated values
+    _, m = augment(image, mask, np.random.default_rng(1), crop=16, scale_range=(0.5, 1.5), flip=False,
+                   pad_value=pad)
+    assert set(np.unique(m)) <= {0, 1, 2, 3, IGNORE}
+
+
+def test_batches_are_a_function_of_the_iteration_and_split_over_processes():
+    full = list(ResumableBatchSampler(10, 4, seed=5, start=0, end=7))
+    assert list(ResumableBatchSampler(10, 4, seed=5, start=3, end=7)) == full[3:]
+    halves = [list(ResumableBatchSampler(10, 4, seed=5, start=0, end=7, rank=r, world_size=2)) for r in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == full
+    assert all(len({k[0] for k in batch}) == 4 for batch in full)
+    with pytest.raises(TrainSegError, match="train_seg.batch_size"):
+        ResumableBatchSampler(10, 3, seed=0, start=0, end=1, world_size=2)
+
+
+def test_loss_ignores_255_and_an_all_ignored_batch_gives_zero():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 4, (2, 8, 8))
+    target[:, :3] = IGNORE
+    loss = segmentation_loss(logits, target)
+    keep = target != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[keep], target[keep])
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.all(logits.grad.permute(0, 2, 3, 1)[~keep] == 0)   # ignored pixels give no gradient
+    empty = segmentation_loss(logits, torch.full((2, 8, 8), IGNORE))
+    assert empty.item() == 0.0 and torch.isfinite(empty)
+
+
+class _WithPid(SegTrainSamples):
+    def __getitem__(self, key):
+        item = super().__getitem__(key)
+        item["pid"] = os.getpid()
+        return item
+
+
+def test_hdf5_pseudo_masks_are_read_through_several_workers(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    ids = reader.ids("train")
+    masks = MaskSource("pseudo", reader, h5)
+    masks.load(ids[0])   # a handle opened in the parent must not be inherited by the workers
+    ds = _WithPid(reader, ids, masks, crop=32, scale_range=(1.0, 1.0), flip=False, pad_value=(0.5, 0.5, 0.5))
+    sampler = ResumableBatchSampler(len(ids), 2, seed=0, start=0, end=8)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2)
+    pids, checked = set(), 0
+    for keys, batch in zip(iter(sampler), loader):
+        pids.update(batch["pid"].tolist())
+        for (index, _), m in zip(keys, batch["mask"]):
+            expected = pseudo_mask(reader.load_mask(ids[index]))
+            np.testing.assert_array_equal(m.numpy(), expected)         # the HDF5 mask, not the GT
+            checked += 1
+    assert checked == 16 and len(pids) == 2 and os.getpid() not in pids
+    masks.close()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _train(tmp_path, name, cfg, reader, h5, **kw):
+    return train_seg.run(cfg, seed=1, reader=reader, masks_path=h5, out_dir=tmp_path / name,
+                         state_dir=tmp_path / f"{name}_state", metrics_path=tmp_path / f"{name}.json",
+                         manifest=tmp_path / "none.json", progress=False, **kw)
+
+
+def test_tiny_runs_pseudo_through_workers_and_ground_truth(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    summary = _train(tmp_path, "w2", tiny_cfg(workers=2, grad_clip=1.0), reader, h5)
+    _train(tmp_path, "w0", tiny_cfg(workers=0, grad_clip=1.0), reader, h5)
+    _train(tmp_path, "gt", tiny_cfg(mask_source="ground_truth"), reader, h5)
+
+    model, meta = load_segmenter(tmp_path / "w2" / "segmenter.pt")
+    assert meta["mask_source"] == "pseudo" and meta["class_names"] == list(CLASSES) and model.num_labels == 4
+    assert summary["perf"]["workers"] == 2 and summary["perf"]["train_seconds"] > 0
+    assert 0.0 <= summary["val/mIoU_single_scale"] <= 1.0
+    written = json.loads((tmp_path / "w2.json").read_text())
+    assert written["val/mIoU_single_scale"] == summary["val/mIoU_single_scale"]
+    loss_rows = (tmp_path / "w2" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in loss_rows[1:]] == ["1", "2", "3", "4"]
+    norms = (tmp_path / "w2" / "live" / "plots" / "metrics" / "train" / "grad_norm.tsv").read_text().splitlines()
+    assert len(norms) == 5 and all(float(r.split("\t")[1]) > 0 for r in norms[1:])
+    assert not any((tmp_path / "w2_state").glob("*/ckpt.pt"))     # removed once the segmenter exists
+
+    def weights(name):
+        return torch.load(tmp_path / name / "segmenter.pt", weights_only=True)["state_dict"]
+
+    a, b, gt = weights("w2"), weights("w0"), weights("gt")
+    assert all(torch.equal(a[k], b[k]) for k in a)                # workers do not change the result
+    assert not all(torch.equal(a[k], gt[k]) for k in a)           # the masks come from the HDF5 file
+    assert load_segmenter(tmp_path / "gt" / "segmenter.pt")[1]["mask_source"] == "ground_truth"
+
+
+def test_bad_inputs_fail_before_training_naming_the_problem(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    ids = reader.ids("train")
+    partial = write_pseudo_masks(tmp_path / "partial.h5", reader, ids=ids[1:])
+    with pytest.raises(TrainSegError, match=f"partial.h5.*'{ids[0]}'"):
+        _train(tmp_path, "a", tiny_cfg(), reader, partial)
+    with PseudoMaskWriter(tmp_path / "other.h5", ["x", "y", "z"], {}) as w:
+        for i in ids:
+            w.add(i, reader.load_mask(i))
+    with pytest.raises(TrainSegError, match="other.h5 was exported for classes"):
+        _train(tmp_path, "b", tiny_cfg(), reader, tmp_path / "other.h5")
+    with PseudoMaskWriter(tmp_path / "small.h5", list(CLASSES), {}) as w:
+        for i in ids:
+            w.add(i, np.zeros((16, 16), np.uint8))
+    with pytest.raises(TrainSegError, match=f"small.h5 \\(masks/{ids[0]}\\) is \\(16, 16\\), the image is"):
+        _train(tmp_path, "c", tiny_cfg(), reader, tmp_path / "small.h5")
+    with pytest.raises(ValueError, match="missing.h5"):
+        _train(tmp_path, "d", tiny_cfg(), reader, tmp_path / "missing.h5")
+    with pytest.raises(TrainSegError, match="train_seg.batch_size"):
+        _train(tmp_path, "e", tiny_cfg(batch_size=64), reader, partial)
+    with pytest.raises(TrainSegError, match="train_seg.weights_path"):
+        _train(tmp_path, "f", tiny_cfg(weights_path=str(tmp_path / "nope.pth")), reader, partial)
+    assert not any((tmp_path / n).exists() for n in "abcdef")
+    # a label outside 0..C (and not 255) is named with the file and image when it is read
+    with PseudoMaskWriter(tmp_path / "bad.h5", list(CLASSES), {}) as w:
+        for i in ids:
+            w.add(i, np.full((32, 32), 9, np.uint8))
+    with pytest.raises(TrainSegError, match=r"bad.h5 \(masks/.*\) holds label 9; allowed 0..3 and 255"):
+        _train(tmp_path, "g", tiny_cfg(iterations=1), reader, tmp_path / "bad.h5")
+    assert not (tmp_path / "g").exists()
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_train_seg import resume_cfg
+from core.datasets import VOCDataset
+from tasks.train_seg import run
+root = Path({root!r})
+reader = VOCDataset(root, labels=root / "cls_labels.npy")
+def on_iteration(i):
+    if i == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(resume_cfg(), seed=3, reader=reader, masks_path={h5!r}, out_dir={out!r}, state_dir={state!r},
+    metrics_path=None, manifest=root / "none.json", progress=False, on_iteration=on_iteration)
+"""
+
+
+def resume_cfg() -> TrainSegConfig:
+    """LargeFOV with dropout: the torch generator matters, so an exact resume is a real check."""
+    return tiny_cfg(head="largefov", largefov_rate=2, largefov_channels=16, dropout=0.5, iterations=6,
+                    checkpoint_every=2, workers=1)
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def script(name, kill_at, out, state):
+        path = tmp_path / name
+        path.write_text(_KILL_SCRIPT.format(tests=str(REPO / "tests"), root=str(tmp_path / "voc"), h5=str(h5),
+                                            kill_at=kill_at, out=str(out), state=str(state)))
+        return subprocess.run([sys.executable, str(path)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    # the uninterrupted reference runs in this process (same code, same seed)
+    train_seg.run(resume_cfg(), seed=3, reader=reader, masks_path=h5, out_dir=tmp_path / "ref",
+                  state_dir=tmp_path / "ref_state", metrics_path=None, manifest=tmp_path / "voc" / "none.json",
+                  progress=False)
+    killed = script("kill.py", 5, tmp_path / "run", tmp_path / "state")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "segmenter.pt").exists()
+    ckpts = list((tmp_path / "state").glob("*/ckpt.pt"))
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=True)["iteration"] == 4
+    assert not list((tmp_path / "state").glob("*/.*tmp*"))        # no half-written checkpoint
+    resumed = script("resume.py", -1, tmp_path / "run", tmp_path / "state")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr and "iteration 4/6" in resumed.stderr
+    a = torch.load(tmp_path / "ref" / "segmenter.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run" / "segmenter.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "run" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(1, 7)]
+
+
+_DDP_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_train_seg import tiny_cfg
+from core.datasets import VOCDataset
+from tasks.train_seg import run
+root = Path({root!r})
+summary = run(tiny_cfg(iterations=2), seed=3, reader=VOCDataset(root, labels=root / "cls_labels.npy"),
+              masks_path={h5!r}, out_dir={out!r}, state_dir={state!r}, metrics_path=None,
+              manifest=root / "none.json", progress=False)
+if summary:
+    print("SUMMARY", json.dumps(summary["perf"]))
+"""
+
+
+def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), root=str(tmp_path / "voc"), h5=str(h5),
+                                         out=str(tmp_path / "out"), state=str(tmp_path / "state")))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    perf = json.loads(proc.stdout.split("SUMMARY", 1)[1].strip().splitlines()[0])
+    assert perf["processes"] == 2
+    assert load_segmenter(tmp_path / "out" / "segmenter.pt")[1]["num_classes"] == 3
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def test_predictions_have_the_image_size_and_never_the_ignore_label(tmp_path):
+    reader = make_dataset(tmp_path / "voc", n_val=3, size=(30, 41))
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    _train(tmp_path, "seg", tiny_cfg(iterations=2), reader, h5)
+    model, _ = load_segmenter(tmp_path / "seg" / "segmenter.pt")
+    image = reader.load_image(reader.ids("val")[0])
+    probs = predict_seg.predict_probs(model, image, [0.5, 1.0, 1.5], True, torch.device("cpu"))
+    assert probs.shape == (4, 30, 41)
+    torch.testing.assert_close(probs.sum(0), torch.ones(30, 41))
+    labels = predict_seg.label_map(probs)
+    assert labels.dtype == np.uint8 and labels.shape == (30, 41) and labels.max() <= 3
+    # the flip view is flipped back: a mirrored image gives a mirrored probability map
+    mirrored = predict_seg.predict_probs(model, image[:, ::-1], [1.0], True, torch.device("cpu"))
+    torch.testing.assert_close(mirrored, predict_seg.predict_probs(model, image, [1.0], True,
+                                                                   torch.device("cpu")).flip(-1))
+
+    cfg = build(PredictSegConfig, {"scales": [0.75, 1.0], "crf": True, "threads": 1, "report_images": 2},
+                "predict_seg")
+    result = predict_seg.run(cfg, reader=reader, segmenter=tmp_path / "seg" / "segmenter.pt",
+                             out_dir=tmp_path / "pred", state_dir=tmp_path / "pred_state",
+                             manifest=tmp_path / "none.json", progress=False)
+    assert result["images"] == 3 and result["predicted_this_run"] == 3
+    preds = PngMasks(tmp_path / "pred" / "masks")
+    assert sorted(preds.ids) == sorted(reader.ids("val"))
+    for image_id in preds.ids:
+        m = preds.mask(image_id)
+        assert m.shape == (30, 41) and m.max() <= 3 and IGNORE not in m
+    assert (tmp_path / "pred" / "report.png").is_file()
+    assert not (tmp_path / "pred_state").exists() or not any((tmp_path / "pred_state").iterdir())
+
+    # the existing evaluate scores the predictions: mIoU and a per-class table over C + 1 labels
+    from core.config import EvaluateConfig
+    from tasks.evaluate import evaluate
+    ecfg = build(EvaluateConfig, {"splits": ["val"], "workers": 1, "report_images": 1}, "evaluate")
+    metrics = evaluate(ecfg, reader, tmp_path / "pred" / "masks", out_dir=tmp_path / "eval",
+                       metrics_path=tmp_path / "eval.json", splits=["val"], progress=False)
+    assert metrics["images"] == 3 and 0.0 <= metrics["miou"] <= 1.0
+    assert list(metrics["per_class_iou"]) == ["background", *CLASSES]
+    assert len((tmp_path / "eval" / "per_class.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
+    reader = make_dataset(tmp_path / "voc", n_val=3)
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+    _train(tmp_path, "seg", tiny_cfg(iterations=1), reader, h5)
+    cfg = build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0},
+                "predict_seg")
+    seg = tmp_path / "seg" / "segmenter.pt"
+    # a previous run was killed after one image: its mask is kept, the rest is predicted
+    _, meta = load_segmenter(seg)
+    ids = reader.ids("val")
+    fp = predict_seg.fingerprint(cfg, meta["sha256"], ids, tmp_path / "none.json")
+    partial = tmp_path / "pred_state" / fp / "masks"
+    partial.mkdir(parents=True)
+    from core.pseudo_masks import save_label_png
+    save_label_png(partial / f"{ids[0]}.png", np.zeros((32, 32), np.uint8), None)
+    result = predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
+                             state_dir=tmp_path / "pred_state", manifest=tmp_path / "none.json", progress=False)
+    assert result["predicted_this_run"] == 2 and len(PngMasks(tmp_path / "pred" / "masks")) == 3
+
+    other = make_dataset(tmp_path / "voc2", n_val=2)
+    other.class_names = ["x", "y", "z"]
+    with pytest.raises(predict_seg.PredictSegError, match="segmenter.pt was trained for classes"):
+        predict_seg.run(cfg, reader=other, segmenter=seg, out_dir=tmp_path / "pred2",
+                        state_dir=tmp_path / "pred2_state", progress=False)
+
+
+# --------------------------------------------------------------------------- the whole DAG
+
+DAG = ("prepare", "saliency", "train_cls", "infer_cam", "export_masks", "evaluate", "train_seg", "predict_seg",
+       "evaluate_seg")
+TINY_PARAMS = {
+    "prepare": {"num_train": 16, "num_val": 8, "image_size": 64, "preview_count": 2},
+    "saliency": {"backend": "spectral_residual", "workers": 1},
+    "train_cls": {"iterations": 2, "batch_size": 4, "crop_size": 64, "resize_long": [48, 80], "threads": 1,
+                  "workers": 0, "checkpoint_every": 1, "log_every": 1},
+    "infer_cam": {"scales": [1.0], "threads": 1},
+    "export_masks": {"workers": 1},
+    "evaluate": {"workers": 1, "report_images": 2},
+    "train_seg": {"iterations": 2, "batch_size": 4, "crop_size": 64, "aspp_rates": [1, 2], "threads": 1,
+                  "workers": 1, "checkpoint_every": 1, "log_every": 1},
+    "predict_seg": {"scales": [1.0], "threads": 1, "report_images": 2},
+}
+
+
+def _project_sources() -> list[str]:
+    """Tracked and untracked-but-not-ignored files: the project as a fresh clone would have it."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, check=True, capture_output=True).stdout.decode()
+    return [rel for rel in filter(None, out.split("\0"))
+            if rel != "dvc.lock" and not rel.startswith("data/") and (REPO / rel).is_file()]
+
+
+def _env() -> dict:
+    from flows.dvc_stages import subprocess_env
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("PREFECT_")}
+    env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def _set_params(root: Path, sections: dict) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_whole_dag_in_a_repo_copy_then_a_train_seg_param_reruns_only_train_seg_onwards(tmp_path):
+    """`dvc repro` runs prepare -> ... -> evaluate_seg at tiny sizes; after a change of one train_seg
+    param, the Prefect flow reruns train_seg and what follows and skips everything before."""
+    from flows.dvc_stages import plan_stages
+
+    root = tmp_path / "project"
+    for rel in _project_sources():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, root / rel)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _set_params(root, TINY_PARAMS)
+    plan = plan_stages(root)
+    assert set(DAG) <= set(plan), f"dvc.yaml lacks stages {sorted(set(DAG) - set(plan))}"
+    assert plan.index("export_masks") < plan.index("train_seg") < plan.index("predict_seg") \
+        < plan.index("evaluate_seg")
+
+    t0 = time.perf_counter()
+    repro = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=_env(), capture_output=True,
+                           text=True, timeout=900)
+    repro_seconds = time.perf_counter() - t0
+    assert repro.returncode == 0, (repro.stdout + repro.stderr)[-4000:]
+    for stage in plan:
+        assert f"Running stage '{stage}'" in repro.stdout, stage
+    metrics = json.loads((root / "data/metrics/eval_seg.json").read_text())
+    assert metrics["images"] == 8 and 0.0 <= metrics["miou"] <= 1.0
+    assert len(list((root / "data/predict_seg/masks").glob("*.png"))) == 8
+    _, meta = load_segmenter(root / "data/train_seg/segmenter.pt")
+    assert meta["mask_source"] == "pseudo" and meta["train_seg"]["iterations"] == 2
+    train_metrics = json.loads((root / "data/metrics/train_seg.json").read_text())
+    assert train_metrics["perf"]["train_seconds"] > 0
+
+    # one train_seg param changes: only train_seg and its descendants run again (through the flow)
+    _set_params(root, {"train_seg": {"iterations": 3}})
+    t0 = time.perf_counter()
+    flow = subprocess.run([sys.executable, "-m", "flows.pipeline"], cwd=root, env=_env(), capture_output=True,
+                          text=True, timeout=900)
+    flow_seconds = time.perf_counter() - t0
+    assert flow.returncode == 0, (flow.stdout + flow.stderr)[-4000:]
+    after = {"train_seg", "predict_seg", "evaluate_seg"}
+    for stage in plan:
+        word = "ran" if stage in after else "skipped"
+        assert re.search(rf"^{stage}: {word}\b", flow.stdout, re.M), (stage, flow.stdout[-3000:])
+    assert load_segmenter(root / "data/train_seg/segmenter.pt")[1]["train_seg"]["iterations"] == 3
+    print(f"whole DAG: dvc repro {repro_seconds:.0f} s, flow rerun after a train_seg change {flow_seconds:.0f} s")
