@@ -25,6 +25,7 @@ $(BIN)/python:
 $(STATE)/installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@mkdir -p "$(PREFECT_HOME)"
 	$(BIN)/prefect server database upgrade -y >/dev/null
 	@mkdir -p $(STATE) && touch $@
 
