@@ -7,6 +7,7 @@ into place only when complete, so DVC never caches a half-written output.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -57,3 +58,16 @@ def write_text_atomic(final: str | Path, text: str) -> None:
     """Write a small text file (metrics json, lists) atomically."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def locked(path: str | Path) -> Iterator[None]:
+    """Serialise builders of ``path`` (parallel test sessions, workers) on a lock file beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -23,8 +23,6 @@ Run ``python -m core.isnet_model [--variant medium|small]``; it is idempotent.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
@@ -33,9 +31,8 @@ import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, locked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"
@@ -93,18 +90,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise fetchers (parallel test sessions, workers) on a lock file next to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def download_tarball(downloads: Path) -> Path:
@@ -201,7 +186,7 @@ def fetch_isnet(variant: str = "medium", state_dir: str | Path = STATE_DIR, *, f
     spec = _variant(variant)
     state_dir = Path(state_dir)
     final = model_path(variant, state_dir)
-    with _locked(final):
+    with locked(final):
         if not force and final.is_file() and final.stat().st_size == spec.size:
             return final
         tarball = download_tarball(state_dir / "downloads")

@@ -27,9 +27,7 @@ folder, then renamed).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -40,12 +38,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from core.atomic import atomic_path
+from core.atomic import atomic_path, locked
 from core.datasets import IGNORE_INDEX, VOC_CLASSES, normalise_class_name, save_mask_png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -272,18 +269,6 @@ def _is_complete(dest: Path) -> bool:
                and (dest / "SegmentationClass" / f"{img['id']}.png").is_file() for img in meta["images"])
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Serialise builders (parallel test sessions) on a lock file next to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def fetch_voc_fixture(dest: str | Path = DEFAULT_DEST, cache_dir: str | Path = DEFAULT_CACHE, *,
                       force: bool = False) -> Path:
     """Build (once) the VOC-layout folder of the 4 real photos and return its path.
@@ -292,7 +277,7 @@ def fetch_voc_fixture(dest: str | Path = DEFAULT_DEST, cache_dir: str | Path = D
     downloaded file is not what it should be.
     """
     dest = Path(dest)
-    with _locked(dest):
+    with locked(dest):
         if not force and _is_complete(dest):
             return dest
         sdist = download_package(LABELME, cache_dir)
