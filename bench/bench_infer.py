@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
     ap.add_argument("--batch-images", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--max-batch-pixels", type=int, default=2_000_000)
+    ap.add_argument("--max-batch-pixels", type=int, default=262_144)
     ap.add_argument("--threads", type=int, default=0, help="0 = all usable cores")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--crf-images", type=int, default=8)

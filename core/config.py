@@ -277,8 +277,9 @@ class InferCamConfig:
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
     threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores")
     batch_images: int = knob(8, range=(1, 4096), doc="images read and inferred together (equal-size views share a batch)")
-    max_batch_pixels: int = knob(2_000_000, range=(1024, None),
-                                 doc="most input pixels in one forward pass (bounds memory on large images)")
+    max_batch_pixels: int = knob(262_144, range=(1024, None),
+                                 doc="most input pixels in one forward pass (bounds memory on large images); "
+                                     "CPU is fastest near 512x512, raise it on a GPU")
     max_side: int = knob(2048, range=(16, 65536),
                          doc="longest side of a scaled view; a larger view is shrunk to it (logged)")
     loader_threads: int = knob(2, range=(0, 64), doc="threads decoding the next images; 0 = decode inline")
