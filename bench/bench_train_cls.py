@@ -6,9 +6,11 @@
 
 Each method runs ``python -m tasks.train_cls`` in its own process (so peak memory is its own) on
 the repo's params.yaml with the ``--set`` overrides, into ``--out/<method>`` (never the DVC
-outputs). Reported per method: seconds per iteration (training loop incl. data loading, excluding
-the final evaluation), val multi-label mAP of the GAP logits, peak resident memory of the process
-(ru_maxrss) and wall time. Timings depend on the load of the machine: run on idle cores to compare.
+outputs). Reported per method: seconds per iteration (wall time of the training loop including
+data loading, excluding the final evaluation), CPU-seconds per iteration (all threads of the
+process), val multi-label mAP of the GAP logits, peak resident memory of the process (ru_maxrss)
+and wall time. Both timings depend on the load of the machine (busy cores also make OpenMP
+threads spin): compare them only between runs on idle cores.
 """
 
 from __future__ import annotations
@@ -70,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode
         summary = json.loads((run_dir / "live" / "metrics.json").read_text())
         perf = summary["perf"]
-        rows.append((method, perf["sec_per_iter"], summary["val"]["mAP"], perf["peak_rss_mb"], wall,
-                     perf["threads"], perf["device"], summary["step"]))
+        rows.append((method, perf["sec_per_iter"], perf["cpu_sec_per_iter"], summary["val"]["mAP"],
+                     perf["peak_rss_mb"], wall, perf["threads"], perf["device"]))
         print(f"{method}: per-class val AP {summary['val']['AP']}")
     cfg = params["train_cls"]
     print(f"\ntrain_cls bench: backbone {cfg['backbone']} OS{cfg['output_stride']}, crop {cfg['crop_size']}, "
           f"batch {cfg['batch_size']}, {cfg['iterations']} iterations")
-    print(f"{'method':<7}{'s/iter':>8}{'val mAP':>9}{'peak RSS MiB':>14}{'wall s':>9}{'threads':>9}  device")
-    for method, spi, m_ap, rss, wall, threads, device, _ in rows:
-        print(f"{method:<7}{spi:>8.3f}{m_ap:>9.4f}{rss:>14.0f}{wall:>9.1f}{threads:>9}  {device}")
+    print(f"{'method':<7}{'s/iter':>8}{'CPU-s/iter':>11}{'val mAP':>9}{'peak RSS MiB':>14}{'wall s':>9}"
+          f"{'threads':>9}  device")
+    for method, spi, cpu, m_ap, rss, wall, threads, device in rows:
+        print(f"{method:<7}{spi:>8.3f}{cpu:>11.3f}{m_ap:>9.4f}{rss:>14.0f}{wall:>9.1f}{threads:>9}  {device}")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (s/iter is wall time: compare only on idle cores)")
     return 0
 
 

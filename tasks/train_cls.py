@@ -28,7 +28,6 @@ classifier is written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import json
@@ -40,20 +39,24 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from core.atomic import atomic_path
+from core import training
 from core.config import TrainClsConfig, load_params, to_dict
+from core.training import (DistContext, ResumableBatchSampler, cpu_seconds, default_threads, files_fingerprint,
+                           poly_lr, sample_rng, setup_distributed)
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
 
 REPO = Path(__file__).resolve().parents[1]
+_STREAM = 0  # random-stream salt of this stage (core.training)
 # operational knobs: changing them does not change the trained weights, so a run may resume
 _NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
 CKPT_FORMAT = "eps-wsss-train-cls-ckpt/1"
@@ -85,52 +88,6 @@ def _saliency_from_dir(saliency_dir: str, image_id: str, hw: tuple[int, int]) ->
     return load_saliency(saliency_dir, image_id, expected_hw=hw)
 
 
-def _sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, 1, epoch, position]))
-
-
-def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
-    """The visiting order of epoch ``epoch``: a pure function of (seed, epoch)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, 0, epoch])).permutation(num_items)
-
-
-class ResumableBatchSampler(Sampler):
-    """Yields, for iterations ``start..end-1``, this process's share of the global batch.
-
-    Items are ``(index, (seed, epoch, position))`` so the dataset can seed the sample's
-    augmentation; everything depends only on (seed, iteration), which makes resume exact.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, end: int,
-                 rank: int = 0, world_size: int = 1):
-        self.check(num_items, batch_size, world_size)
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.start, self.end, self.rank, self.world_size = start, end, rank, world_size
-        self.per_epoch = num_items // batch_size  # incomplete last batch dropped
-
-    @staticmethod
-    def check(num_items: int, batch_size: int, world_size: int) -> None:
-        if batch_size % world_size:
-            raise TrainClsError(f"params key 'train_cls.batch_size' ({batch_size}) must be divisible by the "
-                                f"number of processes ({world_size})")
-        if num_items < batch_size:
-            raise TrainClsError(f"params key 'train_cls.batch_size' ({batch_size}) exceeds the number of "
-                                f"training images ({num_items})")
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
-
-    def __iter__(self) -> Iterator[list]:
-        local = self.batch_size // self.world_size
-        perm_epoch, perm = -1, None
-        for it in range(self.start, self.end):
-            epoch, b = divmod(it, self.per_epoch)
-            if epoch != perm_epoch:
-                perm_epoch, perm = epoch, epoch_permutation(self.seed, epoch, self.num_items)
-            first = b * self.batch_size + self.rank * local
-            yield [(int(perm[p]), (self.seed, epoch, p)) for p in range(first, first + local)]
-
-
 class AugmentedImages(Dataset):
     """Training samples: image, saliency and labels with the paper's augmentations.
 
@@ -151,7 +108,7 @@ class AugmentedImages(Dataset):
     def __getitem__(self, key):
         index, (seed, epoch, position) = key
         image_id = self.ids[index]
-        rng = _sample_rng(seed, epoch, position)
+        rng = sample_rng(seed, _STREAM, epoch, position)
         image = np.asarray(self.reader.load_image(image_id))
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise TrainClsError(f"image '{image_id}': expected HxWx3 uint8, got {image.shape} {image.dtype}")
@@ -191,13 +148,17 @@ def _color_jitter(img: torch.Tensor, strength: list[float], rng: np.random.Gener
     from torchvision.transforms.v2 import functional as TF
 
     b, c, s, hue = strength
+
+    def factor(strength: float) -> float:
+        return float(rng.uniform(max(0.0, 1 - strength), 1 + strength))
+
     ops = []
     if b > 0:
-        ops.append(functools.partial(TF.adjust_brightness, brightness_factor=float(rng.uniform(max(0, 1 - b), 1 + b))))
+        ops.append(functools.partial(TF.adjust_brightness, brightness_factor=factor(b)))
     if c > 0:
-        ops.append(functools.partial(TF.adjust_contrast, contrast_factor=float(rng.uniform(max(0, 1 - c), 1 + c))))
+        ops.append(functools.partial(TF.adjust_contrast, contrast_factor=factor(c)))
     if s > 0:
-        ops.append(functools.partial(TF.adjust_saturation, saturation_factor=float(rng.uniform(max(0, 1 - s), 1 + s))))
+        ops.append(functools.partial(TF.adjust_saturation, saturation_factor=factor(s)))
     if hue > 0:
         ops.append(functools.partial(TF.adjust_hue, hue_factor=float(rng.uniform(-hue, hue))))
     for i in rng.permutation(len(ops)):
@@ -275,47 +236,9 @@ def evaluate_map(model: torch.nn.Module, reader: LabelledImages, ids: list[str],
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclasses.dataclass
-class _Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    device: torch.device
-    owns_group: bool
-
-
-def _setup_distributed(cfg: TrainClsConfig) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainClsError("params key 'train_cls.device' is cuda but no CUDA device is available "
-                            "(use device: auto or cpu)")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    return _Dist(rank, world, local_rank, local_world, device, owns)
-
-
-def _default_threads(local_world_size: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
-
-
 def _code_fingerprint() -> str:
-    h = hashlib.sha256()
-    files = [REPO / "models" / f for f in ("__init__.py", "backbones.py", "classifier.py", "losses.py")]
-    for path in files + [Path(__file__).resolve()]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    return files_fingerprint([REPO / "models" / f for f in ("__init__.py", "backbones.py", "classifier.py", "losses.py")]
+                             + [Path(__file__).resolve()])
 
 
 def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Path | None,
@@ -336,14 +259,7 @@ def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Pa
 def run_fingerprint(cfg: TrainClsConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
     params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train_cls": params, "seed": seed, "world_size": world_size, "data": data_fp,
-                       "code": _code_fingerprint()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def poly_lr(base: float, it: int, total: int, power: float) -> float:
-    """Learning rate at (0-based) iteration ``it`` of ``total``: ``base * (1 - it/total)^power``."""
-    return base * (1.0 - it / total) ** power
+    return training.run_fingerprint("train_cls", params, seed, world_size, data_fp, _code_fingerprint())
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -420,11 +336,11 @@ def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prep
     (default: ``load_saliency(saliency_dir, ...)``) can be injected. ``on_iteration(i)`` is called
     after iteration ``i`` (1-based) and its checkpoint, if any.
     """
-    dctx = _setup_distributed(cfg)
+    dctx = setup_distributed(cfg.device, key="train_cls", error=TrainClsError)
     threads_before = torch.get_num_threads()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        torch.set_num_threads(cfg.threads or _default_threads(dctx.local_world_size))
+        torch.set_num_threads(cfg.threads or default_threads(dctx.local_world_size))
         # CPU kernels are deterministic; on CUDA a few are not and only warn
         torch.use_deterministic_algorithms(True, warn_only=True)
         return _train(cfg, seed, Path(manifest), Path(saliency_dir), Path(out_dir), Path(state_dir),
@@ -483,14 +399,15 @@ def _param_groups(model: MapClassifier, cfg: TrainClsConfig) -> list[dict]:
 
 
 def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, saliency_fn, on_iteration,
-           progress, dctx: _Dist) -> dict:
+           progress, dctx: DistContext) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
         from core.datasets import open_dataset
         reader = open_dataset(manifest)
     custom_saliency = saliency_fn is not None
     train_ids, val_ids, predefined = _check_inputs(cfg, reader, saliency_dir, custom_saliency)
-    ResumableBatchSampler.check(len(train_ids), cfg.batch_size, dctx.world_size)
+    ResumableBatchSampler.check(len(train_ids), cfg.batch_size, dctx.world_size, key="train_cls",
+                                error=TrainClsError)
     if cfg.method == "eps" and saliency_fn is None:
         saliency_fn = functools.partial(_saliency_from_dir, str(saliency_dir))
     num_classes = reader.num_classes
@@ -544,7 +461,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
 
     dataset = AugmentedImages(reader, train_ids, cfg, saliency_fn, model.backbone.input_mean)
     sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
-                                    dctx.rank, dctx.world_size)
+                                    dctx.rank, dctx.world_size, stream=_STREAM, key="train_cls", error=TrainClsError)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=dctx.device.type == "cuda", worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(seed),
@@ -601,6 +518,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
     window_n = 0
     warned_dead = False
     train_time = 0.0
+    cpu_start = cpu_seconds()
     t_iter = time.perf_counter()
     it = start
     for batch in loader:
@@ -661,6 +579,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         t_iter = time.perf_counter()
     if bar is not None:
         bar.close()
+    cpu_used = cpu_seconds() - cpu_start  # includes the periodic evaluations and checkpoints, if any
 
     done = it - start
     result = run_eval(cfg.iterations)
@@ -672,6 +591,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
             "val": {"mAP": val_map,
                     "AP": {n: (None if math.isnan(a) else a) for n, a in zip(reader.class_names, aps)}},
             "perf": {"sec_per_iter": (train_time / done) if done else None,
+                     "cpu_sec_per_iter": (cpu_used / done) if done else None,
                      "iterations_this_run": done, "resumed_from": start,
                      "train_seconds_total": elapsed_before + train_time,
                      "processes": dctx.world_size, "device": str(dctx.device),

@@ -26,30 +26,32 @@ the pseudo-mask file's checksum) and the code of ``models/`` and this file.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from core import training
 from core.config import TrainSegConfig, load_params, to_dict
-from models.deeplab import DeepLab, build_deeplab, save_segmenter
+from core.training import (DistContext, ResumableBatchSampler, default_threads, file_sha256, files_fingerprint,
+                           poly_lr, sample_rng, setup_distributed)
+from models.deeplab import build_deeplab, save_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = 255
+_STREAM = 10  # random-stream salt of this stage (core.training)
 # operational knobs: changing them does not change the trained weights, so a run may resume
 _NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
 CKPT_FORMAT = "eps-wsss-train-seg-ckpt/1"
@@ -124,48 +126,6 @@ class MaskSource:
 # --------------------------------------------------------------------------- data
 
 
-def _sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed, 11, epoch, position]))
-
-
-def epoch_permutation(seed: int, epoch: int, num_items: int) -> np.ndarray:
-    """The visiting order of epoch ``epoch``: a pure function of (seed, epoch)."""
-    return np.random.default_rng(np.random.SeedSequence([seed, 10, epoch])).permutation(num_items)
-
-
-class ResumableBatchSampler(Sampler):
-    """Yields, for iterations ``start..end-1``, this process's share of the global batch.
-
-    Items are ``(index, (seed, epoch, position))`` so the dataset can seed the sample's
-    augmentation; everything depends only on (seed, iteration), which makes resume exact.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, end: int,
-                 rank: int = 0, world_size: int = 1):
-        if batch_size % world_size:
-            raise TrainSegError(f"params key 'train_seg.batch_size' ({batch_size}) must be divisible by the "
-                                f"number of processes ({world_size})")
-        if num_items < batch_size:
-            raise TrainSegError(f"params key 'train_seg.batch_size' ({batch_size}) exceeds the number of "
-                                f"training images ({num_items})")
-        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
-        self.start, self.end, self.rank, self.world_size = start, end, rank, world_size
-        self.per_epoch = num_items // batch_size  # incomplete last batch dropped
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start)
-
-    def __iter__(self) -> Iterator[list]:
-        local = self.batch_size // self.world_size
-        perm_epoch, perm = -1, None
-        for it in range(self.start, self.end):
-            epoch, b = divmod(it, self.per_epoch)
-            if epoch != perm_epoch:
-                perm_epoch, perm = epoch, epoch_permutation(self.seed, epoch, self.num_items)
-            first = b * self.batch_size + self.rank * local
-            yield [(int(perm[p]), (self.seed, epoch, p)) for p in range(first, first + local)]
-
-
 class SegTrainSamples(Dataset):
     """Training pairs (image, mask) with DeepLab's augmentation.
 
@@ -199,7 +159,7 @@ class SegTrainSamples(Dataset):
         if bad.any():
             raise TrainSegError(f"mask {self.masks.where(image_id)} holds label {int(mask[bad][0])}; allowed "
                                 f"0..{self.num_classes} and {IGNORE} (ignore)")
-        image, mask = augment(image, mask, _sample_rng(seed, epoch, position), self.crop,
+        image, mask = augment(image, mask, sample_rng(seed, _STREAM, epoch, position), self.crop,
                               self.scale_range, self.flip, self.pad_value)
         return {"image": torch.from_numpy(image).permute(2, 0, 1),
                 "mask": torch.from_numpy(mask.astype(np.int64))}
@@ -275,66 +235,14 @@ def quick_val_miou(model: torch.nn.Module, reader: SegImages, ids: list[str], de
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclasses.dataclass
-class _Dist:
-    rank: int
-    world_size: int
-    local_world_size: int
-    device: torch.device
-    owns_group: bool
-
-
-def _setup_distributed(cfg: TrainSegConfig) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainSegError("params key 'train_seg.device' is cuda but no CUDA device is available "
-                            "(use device: auto or cpu)")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    return _Dist(rank, world, local_world, device, owns)
-
-
-def _default_threads(local_world_size: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, local_world_size))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _code_fingerprint() -> str:
-    h = hashlib.sha256()
-    for path in sorted((REPO / "models").glob("*.py")) + [Path(__file__).resolve()]:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+    return files_fingerprint(sorted((REPO / "models").glob("*.py")) + [Path(__file__).resolve()])
 
 
 def run_fingerprint(cfg: TrainSegConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
     params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"train_seg": params, "seed": seed, "world_size": world_size, "data": data_fp,
-                       "code": _code_fingerprint()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def poly_lr(base: float, it: int, total: int, power: float) -> float:
-    """Learning rate at (0-based) iteration ``it`` of ``total``: ``base * (1 - it/total)^power``."""
-    return base * (1.0 - it / total) ** power
+    return training.run_fingerprint("train_seg", params, seed, world_size, data_fp, _code_fingerprint())
 
 
 def _init_loader_worker(worker_id: int) -> None:
@@ -448,11 +356,11 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
     ``reader`` defaults to ``open_dataset(manifest)``. ``on_iteration(i)`` is called after
     iteration ``i`` (1-based) and its checkpoint, if any.
     """
-    dctx = _setup_distributed(cfg)
+    dctx = setup_distributed(cfg.device, key="train_seg", error=TrainSegError)
     threads_before = torch.get_num_threads()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        torch.set_num_threads(cfg.threads or _default_threads(dctx.local_world_size))
+        torch.set_num_threads(cfg.threads or default_threads(dctx.local_world_size))
         torch.use_deterministic_algorithms(True, warn_only=True)
         return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
                       Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx)
@@ -465,7 +373,7 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
 
 def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
            state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
-           progress: bool, dctx: _Dist) -> dict:
+           progress: bool, dctx: DistContext) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
         from core.datasets import open_dataset
@@ -509,7 +417,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
     dataset = SegTrainSamples(reader, train_ids, masks, cfg.crop_size, tuple(cfg.scale_range), cfg.flip,
                               model.backbone.input_mean)
     sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
-                                    dctx.rank, dctx.world_size)
+                                    dctx.rank, dctx.world_size, stream=_STREAM, key="train_seg", error=TrainSegError)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=dctx.device.type == "cuda", worker_init_fn=_init_loader_worker,
                         generator=torch.Generator().manual_seed(seed))

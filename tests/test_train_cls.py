@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from core.config import ConfigError, TrainClsConfig, build, load_params
+from core.training import poly_lr
 from models.classifier import load_classifier
-from tasks.train_cls import (AugmentedImages, ResumableBatchSampler, TrainClsError, average_precision,
-                             epoch_permutation, poly_lr, run)
+from tasks.train_cls import AugmentedImages, TrainClsError, average_precision, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,21 +144,6 @@ def test_colour_jitter_changes_image_only():
     sample = ds[(0, (0, 0, 1))]
     assert not torch.allclose(sample["image"], torch.from_numpy(reader.load_image("tr000")).permute(2, 0, 1) / 255.0)
     assert torch.equal(sample["saliency"][0], torch.from_numpy(reader.saliency("tr000", (40, 40))))
-
-
-def test_data_order_is_a_function_of_seed_and_iteration():
-    n, batch = 10, 4
-    full = list(ResumableBatchSampler(n, batch, seed=1, start=0, end=6))
-    assert len(full) == 6 and all(len(b) == batch for b in full)
-    per_epoch = n // batch
-    first_epoch = [i for b in full[:per_epoch] for i, _ in b]
-    assert len(set(first_epoch)) == len(first_epoch)               # no repeats inside an epoch
-    assert first_epoch == list(epoch_permutation(1, 0, n)[:per_epoch * batch])
-    assert list(ResumableBatchSampler(n, batch, seed=1, start=3, end=6)) == full[3:]
-    assert list(ResumableBatchSampler(n, batch, seed=2, start=0, end=6)) != full
-    ranks = [list(ResumableBatchSampler(n, batch, 1, 0, 6, rank=r, world_size=2)) for r in (0, 1)]
-    for it in range(6):                                          # ranks split the global batch
-        assert ranks[0][it] + ranks[1][it] == full[it]
 
 
 def test_average_precision_by_hand_and_poly_lr():

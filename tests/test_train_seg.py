@@ -90,16 +90,6 @@ def test_augment_keeps_image_and_mask_aligned_and_pads_with_ignore():
     assert set(np.unique(m)) <= {0, 1, 2, 3, IGNORE}
 
 
-def test_batches_are_a_function_of_the_iteration_and_split_over_processes():
-    full = list(ResumableBatchSampler(10, 4, seed=5, start=0, end=7))
-    assert list(ResumableBatchSampler(10, 4, seed=5, start=3, end=7)) == full[3:]
-    halves = [list(ResumableBatchSampler(10, 4, seed=5, start=0, end=7, rank=r, world_size=2)) for r in (0, 1)]
-    assert [a + b for a, b in zip(*halves)] == full
-    assert all(len({k[0] for k in batch}) == 4 for batch in full)
-    with pytest.raises(TrainSegError, match="train_seg.batch_size"):
-        ResumableBatchSampler(10, 3, seed=0, start=0, end=1, world_size=2)
-
-
 def test_loss_ignores_255_and_an_all_ignored_batch_gives_zero():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)

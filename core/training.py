@@ -1,0 +1,150 @@
+"""What the two training stages (train_cls, train_seg) share: processes, order, schedule, identity.
+
+Exact resume rests on three things kept here: the visiting order is a pure function of
+(seed, epoch) (:func:`epoch_permutation`), each sample's augmentation draws from its own
+generator (:func:`sample_rng`), and a run's identity (:func:`run_fingerprint`) covers every
+param and code file that changes the weights, so a checkpoint of another run is never resumed.
+Each stage passes its own ``stream`` salt so the classifier and the segmenter never share draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+def sample_rng(seed: int, stream: int, epoch: int, position: int) -> np.random.Generator:
+    """The generator of one sample's augmentation: position ``position`` of epoch ``epoch``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, stream + 1, epoch, position]))
+
+
+def epoch_permutation(seed: int, stream: int, epoch: int, num_items: int) -> np.ndarray:
+    """The visiting order of epoch ``epoch``: a pure function of (seed, stream, epoch)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, epoch])).permutation(num_items)
+
+
+class ResumableBatchSampler(Sampler):
+    """Yields, for iterations ``start..end-1``, this process's share of the global batch.
+
+    Items are ``(index, (seed, epoch, position))`` so the dataset can seed the sample's
+    augmentation; everything depends only on (seed, iteration), which makes resume exact.
+    ``key`` (e.g. ``train_cls``) names the params section in errors; ``error`` is the stage's
+    exception type.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, end: int,
+                 rank: int = 0, world_size: int = 1, *, stream: int = 0, key: str = "train",
+                 error: type[Exception] = ValueError):
+        self.check(num_items, batch_size, world_size, key=key, error=error)
+        self.num_items, self.batch_size, self.seed, self.stream = num_items, batch_size, seed, stream
+        self.start, self.end, self.rank, self.world_size = start, end, rank, world_size
+        self.per_epoch = num_items // batch_size  # incomplete last batch dropped
+
+    @staticmethod
+    def check(num_items: int, batch_size: int, world_size: int, *, key: str = "train",
+              error: type[Exception] = ValueError) -> None:
+        if batch_size % world_size:
+            raise error(f"params key '{key}.batch_size' ({batch_size}) must be divisible by the "
+                        f"number of processes ({world_size})")
+        if num_items < batch_size:
+            raise error(f"params key '{key}.batch_size' ({batch_size}) exceeds the number of "
+                        f"training images ({num_items})")
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self) -> Iterator[list]:
+        local = self.batch_size // self.world_size
+        perm_epoch, perm = -1, None
+        for it in range(self.start, self.end):
+            epoch, b = divmod(it, self.per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(self.seed, self.stream, epoch, self.num_items)
+            first = b * self.batch_size + self.rank * local
+            yield [(int(perm[p]), (self.seed, epoch, p)) for p in range(first, first + local)]
+
+
+@dataclasses.dataclass
+class DistContext:
+    """Where this process trains: its rank among ``world_size`` processes and its device."""
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    owns_group: bool
+
+
+def setup_distributed(device: str, *, key: str, error: type[Exception] = ValueError) -> DistContext:
+    """Read torchrun's environment; pick CPU or this process's GPU; start gloo/nccl when several processes.
+
+    ``device`` is the params value (auto | cpu | cuda) of section ``key``, named in the error when
+    CUDA is asked for and absent.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error(f"params key '{key}.device' is cuda but no CUDA device is available (use device: auto or cpu)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return DistContext(rank, world, local_rank, local_world, dev, owns)
+
+
+def default_threads(local_world_size: int) -> int:
+    """Torch threads per process: the usable cores shared by the processes on this machine."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, local_world_size))
+
+
+def poly_lr(base: float, it: int, total: int, power: float) -> float:
+    """Learning rate at (0-based) iteration ``it`` of ``total``: ``base * (1 - it/total)^power``."""
+    return base * (1.0 - it / total) ** power
+
+
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """sha256 over the names and bytes of ``paths`` (the code a run's weights depend on)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def run_fingerprint(section: str, params: dict[str, Any], seed: int, world_size: int, data_fp: str,
+                    code_fp: str) -> str:
+    """Identity of a training run: what a resume checkpoint must match."""
+    blob = json.dumps({section: params, "seed": seed, "world_size": world_size, "data": data_fp,
+                       "code": code_fp}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (data-loader worker processes not included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
