@@ -146,6 +146,9 @@ class TrainClsConfig:
                               doc="adaptive = overlap ratio > tau (paper); naive = all present classes "
                                   "foreground; predefined = predefined_background always background")
     tau: float = knob(0.4, range=(0.0, 1.0), doc="overlap ratio threshold of the adaptive map selection")
+    empty_maps: str = knob("background", choices=("background", "foreground"),
+                           doc="adaptive selection of a class whose map has no pixel > 0.5 (overlap 0/0): "
+                               "background = the authors' code; foreground = until the map is confident")
     lam: float = knob(0.5, range=(0.0, 1.0), doc="weight of M_fg against 1 - M_bg (eq. 1)")
     predefined_background: list[str] = knob([], doc="class names always assigned to the background "
                                                     "(map_selection: predefined)")

@@ -514,7 +514,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         from tqdm import tqdm
         bar = tqdm(total=cfg.iterations, initial=start, desc=f"train_cls {cfg.method}", unit="it",
                    dynamic_ncols=True, file=sys.stderr)
-    window = np.zeros(3)
+    window = np.zeros(4)
     window_n = 0
     warned_dead = False
     train_time = 0.0
@@ -533,9 +533,10 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         loss_cls = classification_loss(maps, labels)
         if cfg.method == "eps":
             sal = batch["saliency"].to(dctx.device, non_blocking=True)
-            loss_sal = saliency_loss(maps, sal, labels, cfg.map_selection, cfg.tau, cfg.lam, predefined)
+            loss_sal, fg_share = saliency_loss(maps, sal, labels, cfg.map_selection, cfg.tau, cfg.lam, predefined,
+                                               cfg.empty_maps, return_selection=True)
         else:
-            loss_sal = torch.zeros((), device=dctx.device)
+            loss_sal, fg_share = torch.zeros((), device=dctx.device), 0.0
         loss = loss_cls + loss_sal
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train_cls: loss is {loss.item()} at iteration {it + 1}; lower "
@@ -544,7 +545,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         loss.backward()
         optimizer.step()
         it += 1
-        window += (loss.item(), loss_cls.item(), loss_sal.item())
+        window += (loss.item(), loss_cls.item(), loss_sal.item(), 0.0 if math.isnan(fg_share) else fg_share)
         window_n += 1
         now = time.perf_counter()
         train_time += now - t_iter
@@ -554,6 +555,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
             metrics = {"train/loss": means[0], "train/loss_cls": means[1], "train/lr": lr_now}
             if cfg.method == "eps":
                 metrics["train/loss_sal"] = means[2]
+                metrics["train/fg_selected"] = means[3]  # share of present classes in M_fg
             history.append({"step": it, "metrics": metrics})
             live.log(it, metrics)
             logits = image_logits(maps.detach(), num_classes)
@@ -567,7 +569,10 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
             window[:] = 0
             window_n = 0
             if bar is not None:
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_now:.2e}")
+                post = {"loss": f"{means[0]:.4f}", "lr": f"{lr_now:.2e}"}
+                if cfg.method == "eps":
+                    post["fg"] = f"{means[3]:.2f}"
+                bar.set_postfix(**post)
         if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
             run_eval(it)
         if it % cfg.checkpoint_every == 0 and it < cfg.iterations:

@@ -163,6 +163,30 @@ def test_adaptive_selection_picks_by_overlap_with_tau():
     assert fg.tolist() == [[True, True, True, False, False, False]]
 
 
+def test_empty_maps_foreground_keeps_unconfident_classes_in_the_foreground():
+    sal = torch.zeros(1, 10, 10)
+    sal[0, :, :5] = 1.0
+    def cols(lo, hi):
+        m = np.zeros((10, 10), bool)
+        m[:, lo:hi] = True
+        return m
+    # overlap 1.0 | 0.0 (confident outside the saliency) | empty map, present | empty map, absent
+    probs = _probs_from_masks([cols(0, 3), cols(6, 9), np.zeros((10, 10), bool), np.zeros((10, 10), bool)])
+    labels = torch.tensor([[1.0, 1, 1, 0]])
+    fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.4, empty_maps="foreground")
+    assert fg.tolist() == [[True, False, True, False]]            # only the empty present map changes side
+    assert bg.tolist() == [[False, True, False, False]]
+    with pytest.raises(ValueError, match="empty_maps"):
+        select_maps(probs, sal, labels, "adaptive", empty_maps="maybe")
+    # the loss uses it, and reports the share of present classes in the foreground
+    maps = torch.log(probs.clamp_min(1e-6))
+    maps = torch.cat([maps, torch.full_like(maps[:, :1], math.log(0.05))], 1)
+    loss_bg, share_bg = saliency_loss(maps, sal, labels, empty_maps="background", return_selection=True)
+    loss_fg, share_fg = saliency_loss(maps, sal, labels, empty_maps="foreground", return_selection=True)
+    assert (share_bg, share_fg) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    assert loss_bg.item() != pytest.approx(loss_fg.item())
+
+
 def test_naive_and_predefined_selection():
     probs = torch.rand(2, 4, 3, 3)
     sal = torch.zeros(2, 3, 3)                                # saliency plays no role in these two
