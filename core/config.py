@@ -146,7 +146,7 @@ class TrainClsConfig:
                               doc="adaptive = overlap ratio > tau (paper); naive = all present classes "
                                   "foreground; predefined = predefined_background always background")
     tau: float = knob(0.4, range=(0.0, 1.0), doc="overlap ratio threshold of the adaptive map selection")
-    empty_maps: str = knob("background", choices=("background", "foreground"),
+    empty_maps: str = knob("foreground", choices=("background", "foreground"),
                            doc="adaptive selection of a class whose map has no pixel > 0.5 (overlap 0/0): "
                                "background = the authors' code; foreground = until the map is confident")
     lam: float = knob(0.5, range=(0.0, 1.0), doc="weight of M_fg against 1 - M_bg (eq. 1)")
@@ -298,9 +298,10 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("threshold", choices=("threshold", "bgmap"),
-                           doc="threshold = constant score bg_threshold (authors); bgmap = the eps model's "
-                               "background probability (eps models only)")
+    background: str = knob("auto", choices=("auto", "threshold", "bgmap"),
+                           doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
+                               "background probability (eps models only); auto = bgmap when the CAMs carry one, "
+                               "else threshold")
     bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode (authors: 0.20)")
     crf: bool = knob(False, doc="refine with a dense CRF (pydensecrf)")
     crf_preset: str = knob("paper", choices=("paper", "psa", "custom"),

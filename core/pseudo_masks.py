@@ -113,9 +113,12 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float) -> tuple[n
     """Candidate scores ``(1 + P, H, W)`` and their mask values ``[0, c_1 + 1, ...]``.
 
     ``background="threshold"``: the background score is the constant ``bg_threshold``
-    (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map.
+    (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
+    ``"auto"``: bgmap when the record has one, else threshold.
     """
     h, w = rec.size
+    if background == "auto":
+        background = "threshold" if rec.bg is None else "bgmap"
     if background == "threshold":
         bg = np.full((1, h, w), bg_threshold, dtype=np.float32)
     elif background == "bgmap":
@@ -124,7 +127,7 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float) -> tuple[n
                                   "these CAMs come from a model without one (use threshold)")
         bg = rec.bg[None].astype(np.float32)
     else:
-        raise PseudoMaskError(f"unknown background mode {background!r} (threshold or bgmap)")
+        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold or bgmap)")
     scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
     values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
     return scores, values

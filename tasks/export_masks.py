@@ -103,6 +103,13 @@ def _read_cams_meta(cams_dir: Path) -> dict:
         raise ExportMasksError(str(e)) from None
 
 
+def resolve_background(cfg: ExportMasksConfig, cams_meta: dict) -> ExportMasksConfig:
+    """``background: auto`` -> bgmap for CAMs with a background map (eps), threshold otherwise (cam)."""
+    if cfg.background != "auto":
+        return cfg
+    return dataclasses.replace(cfg, background="bgmap" if cams_meta.get("has_bgmap") else "threshold")
+
+
 def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path) -> list[str]:
     """Everything that can be checked before work starts; returns the ids to export."""
     if cfg.background == "bgmap" and not cams_meta.get("has_bgmap"):
@@ -130,6 +137,7 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
     cams_dir = Path(cams_dir)
     out_path = Path(out_path)
     meta = _read_cams_meta(cams_dir)
+    cfg = resolve_background(cfg, meta)
     ids = check_inputs(cfg, meta, cams_dir)
     if cfg.crf and dataset is None and manifest is None:
         raise ExportMasksError("the CRF needs the images: give the dataset manifest")

@@ -136,6 +136,13 @@ def _probs_from_masks(masks):
     return torch.tensor(np.where(np.stack(masks), 0.9, 0.05))[None]
 
 
+def _cols(lo, hi):
+    """A 10x10 mask of columns lo..hi-1."""
+    m = np.zeros((10, 10), bool)
+    m[:, lo:hi] = True
+    return m
+
+
 def test_overlap_ratio_and_empty_maps():
     sal = torch.zeros(1, 4, 4)
     sal[0, :, :2] = 1.0                                      # left half is salient
@@ -149,12 +156,8 @@ def test_overlap_ratio_and_empty_maps():
 def test_adaptive_selection_picks_by_overlap_with_tau():
     sal = torch.zeros(1, 10, 10)
     sal[0, :, :5] = 1.0
-    def cols(lo, hi):
-        m = np.zeros((10, 10), bool)
-        m[:, lo:hi] = True
-        return m
     # overlaps: 1.0, 0.4 (exactly tau), 0.5, 0.0, empty map, 1.0 but absent
-    probs = _probs_from_masks([cols(0, 3), cols(3, 8), cols(3, 7), cols(6, 9), np.zeros((10, 10), bool), cols(0, 2)])
+    probs = _probs_from_masks([_cols(0, 3), _cols(3, 8), _cols(3, 7), _cols(6, 9), np.zeros((10, 10), bool), _cols(0, 2)])
     labels = torch.tensor([[1.0, 1, 1, 1, 1, 0]])
     fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.4)
     assert fg.tolist() == [[True, False, True, False, False, False]]
@@ -166,12 +169,8 @@ def test_adaptive_selection_picks_by_overlap_with_tau():
 def test_empty_maps_foreground_keeps_unconfident_classes_in_the_foreground():
     sal = torch.zeros(1, 10, 10)
     sal[0, :, :5] = 1.0
-    def cols(lo, hi):
-        m = np.zeros((10, 10), bool)
-        m[:, lo:hi] = True
-        return m
     # overlap 1.0 | 0.0 (confident outside the saliency) | empty map, present | empty map, absent
-    probs = _probs_from_masks([cols(0, 3), cols(6, 9), np.zeros((10, 10), bool), np.zeros((10, 10), bool)])
+    probs = _probs_from_masks([_cols(0, 3), _cols(6, 9), np.zeros((10, 10), bool), np.zeros((10, 10), bool)])
     labels = torch.tensor([[1.0, 1, 1, 0]])
     fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.4, empty_maps="foreground")
     assert fg.tolist() == [[True, False, True, False]]            # only the empty present map changes side

@@ -114,8 +114,8 @@ def _cams_dir(tmp_path, method="eps", n=4, size=(12, 16)):
 
 def test_export_masks_matches_argmax_and_workers_agree(tmp_path):
     cams, ids = _cams_dir(tmp_path)
-    a = export(ExportMasksConfig(workers=1), cams, tmp_path / "one.h5", progress=False)
-    export(ExportMasksConfig(workers=2), cams, tmp_path / "two.h5", progress=False)
+    a = export(ExportMasksConfig(background="threshold", workers=1), cams, tmp_path / "one.h5", progress=False)
+    export(ExportMasksConfig(background="threshold", workers=2), cams, tmp_path / "two.h5", progress=False)
     assert a["timing"]["infer_images_per_s"] == 12.5
     from core.pseudo_masks import read_cam_file
     with PseudoMasks(tmp_path / "one.h5") as p1, PseudoMasks(tmp_path / "two.h5") as p2:
@@ -128,6 +128,18 @@ def test_export_masks_matches_argmax_and_workers_agree(tmp_path):
             np.testing.assert_array_equal(p1.mask(i), p2.mask(i))
         assert p1.attrs["background"] == "threshold" and p1.attrs["crf"] == "none"
         assert p1.attrs["params"]["export_masks"]["bg_threshold"] == 0.2
+
+
+@pytest.mark.parametrize("method", ["eps", "cam"])
+def test_auto_background_uses_the_background_map_when_there_is_one(tmp_path, method):
+    cams, ids = _cams_dir(tmp_path, method=method)
+    expected_mode = "bgmap" if method == "eps" else "threshold"
+    auto = export(ExportMasksConfig(workers=1), cams, tmp_path / "auto.h5", progress=False)
+    export(ExportMasksConfig(background=expected_mode, workers=1), cams, tmp_path / "explicit.h5", progress=False)
+    assert auto["background"] == expected_mode
+    with PseudoMasks(tmp_path / "auto.h5") as a, PseudoMasks(tmp_path / "explicit.h5") as b:
+        for i in ids:
+            np.testing.assert_array_equal(a.mask(i), b.mask(i))
 
 
 def test_bgmap_needs_an_eps_model(tmp_path):
