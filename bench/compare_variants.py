@@ -1,0 +1,173 @@
+"""Run the DVC pipeline for several params variants and print one table of their metrics.
+
+    python bench/compare_variants.py                        # the default set: EPS vs CAM, +/- CRF,
+                                                            # segmenters on EPS / CAM / GT masks
+    python bench/compare_variants.py --variant eps \\
+        --variant cam:train_cls.method=cam --variant os8:train_cls.output_stride=8 --target evaluate
+
+This is how the closing-note tables are made. Each variant is a scratch copy of the project in
+``--out/<name>`` (the files git tracks plus ``dvc.lock``) that uses this project's DVC cache, with the
+``section.key=value`` overrides written into its ``params.yaml``; ``dvc repro <target>`` then runs
+in it. Stages whose deps and params match a run already in the cache are restored from DVC's run
+cache instead of run again, so variants that differ only in ``export_masks`` train nothing.
+Variants run one after another (each stage uses every core). Reported per variant, where its stages
+ran: classifier val mAP, s/iter and peak memory; pseudo-mask mIoU, boundary F1 and the mean
+co-occurrence confusion ratio (with each pair's); CAM inference and export throughput; segmentation
+val mIoU and training time; the variant's wall time (restored stages cost almost nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS = (
+    "eps",
+    "eps_crf:export_masks.crf=true",
+    "cam:train_cls.method=cam",
+    "cam_crf:train_cls.method=cam,export_masks.crf=true",
+    "gt_seg:train_seg.mask_source=ground_truth",
+)
+
+
+def parse_variant(spec: str) -> tuple[str, list[tuple[list[str], object]]]:
+    """``name:sec.key=value,sec.key=value`` -> (name, [(path, value), ...])."""
+    name, _, rest = spec.partition(":")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--variant {spec!r}: the name must be letters, digits, '_' or '-'")
+    sets = []
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or "." not in key:
+            raise SystemExit(f"--variant {spec!r}: expected section.key=value, got {item!r}")
+        sets.append((key.split("."), yaml.safe_load(value)))
+    return name, sets
+
+
+def apply_overrides(params: dict, sets: list[tuple[list[str], object]], name: str) -> dict:
+    for path, value in sets:
+        node = params
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise SystemExit(f"variant {name}: params.yaml has no section '{'.'.join(path[:-1])}'")
+            node = node[part]
+        if path[-1] not in node:
+            raise SystemExit(f"variant {name}: params.yaml has no key '{'.'.join(path)}'")
+        node[path[-1]] = value
+    return params
+
+
+def make_copy(dest: Path) -> None:
+    """The tracked files and dvc.lock of this project in ``dest``, using this project's DVC cache."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    files = [f for f in tracked.decode().split("\0") if f] + ["dvc.lock"]
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    cache = REPO / ".dvc" / "cache"
+    (dest / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
+    for asset in (".state/models",):  # fetched once by `make assets`, never copied into git
+        if (REPO / asset).is_dir():
+            (dest / asset).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(REPO / asset, dest / asset)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(run: Path) -> dict:
+    cls = read_json(run / "data/train_cls/live/metrics.json")
+    pseudo = read_json(run / "data/metrics/eval_pseudo.json")
+    seg_live = read_json(run / "data/train_seg/live/metrics.json")
+    seg = read_json(run / "data/metrics/eval_seg.json")
+    return {
+        "val_mAP": cls.get("val", {}).get("mAP"),
+        "s_per_iter": cls.get("perf", {}).get("sec_per_iter"),
+        "peak_rss_mb": cls.get("perf", {}).get("peak_rss_mb"),
+        "pseudo_miou": pseudo.get("miou"),
+        "boundary_f1": pseudo.get("boundary", {}).get("f1"),
+        "confusion": pseudo.get("cooccurrence", {}).get("mean_ratio"),
+        "pairs": {k: v["ratio"] for k, v in pseudo.get("cooccurrence", {}).get("pairs", {}).items()},
+        "infer_img_s": pseudo.get("timing", {}).get("infer_images_per_s"),
+        "export_img_s": pseudo.get("timing", {}).get("export_images_per_s"),
+        "seg_miou": seg.get("miou"),
+        "seg_train_s": seg_live.get("perf", {}).get("train_seconds"),
+    }
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variant", action="append", metavar="NAME[:SEC.KEY=VALUE,...]",
+                    help=f"repeatable; default: {' '.join(DEFAULT_VARIANTS)}")
+    ap.add_argument("--target", default="evaluate_seg", help="the DVC stage to reproduce (and what it needs)")
+    ap.add_argument("--out", default="/tmp/compare_variants")
+    ap.add_argument("--json", default="", help="also write the table as JSON here")
+    args = ap.parse_args(argv)
+    variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
+    if len({n for n, _ in variants}) != len(variants):
+        raise SystemExit("variant names must be distinct")
+    if not (REPO / "dvc.lock").is_file():
+        raise SystemExit("no dvc.lock: run `dvc repro` in the project once first, so variants share its cache")
+    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    out = Path(args.out)
+    rows = {}
+    for name, sets in variants:
+        run = out / name
+        make_copy(run)
+        params = apply_overrides(yaml.safe_load((run / "params.yaml").read_text()), sets, name)
+        (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        log = run / "repro.log"
+        print(f"[{name}] dvc repro {args.target} in {run} (log: {log})", flush=True)
+        start = time.perf_counter()
+        with open(log, "w") as f:
+            proc = subprocess.run([dvc, "repro", args.target], cwd=run, stdout=f, stderr=subprocess.STDOUT,
+                                  env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(f"[{name}] dvc repro failed (exit {proc.returncode}); see {log}", file=sys.stderr)
+            return proc.returncode
+        rows[name] = dict(collect(run), wall_s=wall)
+        print(f"[{name}] done in {wall:.0f} s", flush=True)
+    header = ("| variant | val mAP | s/iter | peak MiB | pseudo mIoU | boundary F1 | mean m_kc | infer img/s "
+              "| export img/s | seg mIoU | seg train s | wall s |")
+    print("\n" + header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for name, r in rows.items():
+        print(f"| {name} | {fmt(r['val_mAP'])} | {fmt(r['s_per_iter'])} | {fmt(r['peak_rss_mb'], 0)} "
+              f"| {fmt(r['pseudo_miou'])} | {fmt(r['boundary_f1'])} | {fmt(r['confusion'])} "
+              f"| {fmt(r['infer_img_s'], 1)} | {fmt(r['export_img_s'], 1)} | {fmt(r['seg_miou'])} "
+              f"| {fmt(r['seg_train_s'], 0)} | {r['wall_s']:.0f} |")
+    pairs = sorted({p for r in rows.values() for p in r["pairs"]})
+    if pairs:
+        print("\nco-occurrence confusion m_{k,c} = FP_{k,c} / TP_c (lower is better)")
+        print("| variant | " + " | ".join(pairs) + " |")
+        print("|" + "---|" * (len(pairs) + 1))
+        for name, r in rows.items():
+            print(f"| {name} | " + " | ".join(fmt(r["pairs"].get(p)) for p in pairs) + " |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are wall time)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

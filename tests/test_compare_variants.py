@@ -1,0 +1,63 @@
+"""bench/compare_variants.py: variant parsing, params overrides, the scratch copy and the metrics it reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("compare_variants", REPO / "bench" / "compare_variants.py")
+cv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cv)
+
+
+def test_variant_specs_parse_to_typed_overrides():
+    assert cv.parse_variant("eps") == ("eps", [])
+    name, sets = cv.parse_variant("cam_crf:train_cls.method=cam,export_masks.crf=true,infer_cam.scales=[1.0]")
+    assert name == "cam_crf"
+    assert sets == [(["train_cls", "method"], "cam"), (["export_masks", "crf"], True),
+                    (["infer_cam", "scales"], [1.0])]
+
+
+@pytest.mark.parametrize("spec", ["", "a b:x.y=1", "v:noequals", "v:nosection=1"])
+def test_bad_variant_specs_are_refused(spec):
+    with pytest.raises(SystemExit):
+        cv.parse_variant(spec)
+
+
+def test_overrides_must_name_existing_params_keys():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    out = cv.apply_overrides(params, cv.parse_variant("v:train_cls.method=cam")[1], "v")
+    assert out["train_cls"]["method"] == "cam"
+    with pytest.raises(SystemExit, match="train_cls.metod"):
+        cv.apply_overrides(params, cv.parse_variant("v:train_cls.metod=cam")[1], "v")
+    with pytest.raises(SystemExit, match="no section 'nosuch'"):
+        cv.apply_overrides(params, cv.parse_variant("v:nosuch.key=1")[1], "v")
+
+
+def test_scratch_copy_has_the_tracked_files_and_uses_the_project_cache(tmp_path):
+    dest = tmp_path / "copy"
+    cv.make_copy(dest)
+    for rel in ("dvc.yaml", "params.yaml", "tasks/train_cls.py", "README.md"):
+        assert (dest / rel).read_bytes() == (REPO / rel).read_bytes()
+    assert not (dest / "data" / "prepared").exists()
+    assert str(REPO / ".dvc" / "cache") in (dest / ".dvc" / "config.local").read_text()
+
+
+def test_metrics_are_collected_from_the_stage_outputs(tmp_path):
+    def put(rel, obj):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(json.dumps(obj))
+
+    put("data/train_cls/live/metrics.json", {"val": {"mAP": 0.9}, "perf": {"sec_per_iter": 0.5, "peak_rss_mb": 100}})
+    put("data/metrics/eval_pseudo.json", {"miou": 0.3, "boundary": {"f1": 0.2},
+                                          "cooccurrence": {"mean_ratio": 1.5, "pairs": {"rail->train": {"ratio": 1.5}}},
+                                          "timing": {"infer_images_per_s": 5.0, "export_images_per_s": 20.0}})
+    row = cv.collect(tmp_path)
+    assert row["val_mAP"] == 0.9 and row["pseudo_miou"] == 0.3 and row["confusion"] == 1.5
+    assert row["pairs"] == {"rail->train": 1.5}
+    assert row["seg_miou"] is None and row["seg_train_s"] is None  # the segmenter did not run
