@@ -93,7 +93,7 @@ def read_json(path: Path) -> dict:
 def collect(run: Path) -> dict:
     cls = read_json(run / "data/train_cls/live/metrics.json")
     pseudo = read_json(run / "data/metrics/eval_pseudo.json")
-    seg_live = read_json(run / "data/train_seg/live/metrics.json")
+    seg_train = read_json(run / "data/metrics/train_seg.json")
     seg = read_json(run / "data/metrics/eval_seg.json")
     return {
         "val_mAP": cls.get("val", {}).get("mAP"),
@@ -106,7 +106,7 @@ def collect(run: Path) -> dict:
         "infer_img_s": pseudo.get("timing", {}).get("infer_images_per_s"),
         "export_img_s": pseudo.get("timing", {}).get("export_images_per_s"),
         "seg_miou": seg.get("miou"),
-        "seg_train_s": seg_live.get("perf", {}).get("train_seconds"),
+        "seg_train_s": seg_train.get("perf", {}).get("train_seconds"),
     }
 
 
