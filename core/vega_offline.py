@@ -93,9 +93,10 @@ def read_script(tarball: Path, lib: Library) -> str:
 def build_template(state_dir: str | Path = STATE_DIR) -> Path:
     """Write the template (once) and return its path."""
     final = template_path(state_dir)
+    versions = ", ".join(f"{lib.package}@{lib.version}" for lib in LIBRARIES)
     with locked(final):
-        if final.is_file():
-            return final
+        if final.is_file() and versions in final.read_text(encoding="utf-8", errors="replace")[:1000]:
+            return final  # built for these versions (a version bump rebuilds it)
         scripts = []
         for lib in LIBRARIES:
             try:
@@ -104,7 +105,6 @@ def build_template(state_dir: str | Path = STATE_DIR) -> Path:
             except NpmPackError as e:
                 raise VegaFetchError(str(e)) from None
             scripts.append(f"<script>\n{read_script(tarball, lib)}\n</script>")
-        versions = ", ".join(f"{lib.package}@{lib.version}" for lib in LIBRARIES)
         write_text_atomic(final, PAGE % {"versions": versions, "scripts": "\n".join(scripts)})
     return final
 

@@ -64,3 +64,12 @@ def test_a_tarball_with_another_digest_is_refused(tmp_path):
     fake.write_bytes(buf.getvalue())
     with pytest.raises(VegaFetchError, match="sha256"):
         vega_offline.read_script(fake, LIBRARIES[0])
+
+
+def test_a_template_for_other_versions_is_rebuilt(template, tmp_path):
+    (tmp_path / "downloads").symlink_to(REPO / ".state" / "downloads")  # the tarballs `make assets` fetched
+    stale = vega_offline.template_path(tmp_path)
+    stale.parent.mkdir(parents=True)
+    stale.write_text("<!-- vega@5.0.0 -->{plot_divs}")
+    assert vega_offline.build_template(tmp_path) == stale
+    assert stale.read_bytes() == template.read_bytes()
