@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (REPO / ".dvc" / "cache").is_dir():
         print("note: this project's DVC cache is empty (no `dvc repro` here yet): every variant runs every stage",
               flush=True)
-    dvc = shutil.which("dvc") or str(Path(sys.executable).parent / "dvc")
+    # absolute: the command runs inside each copy, where a relative PATH entry would not resolve
+    dvc = str(Path(shutil.which("dvc") or Path(sys.executable).parent / "dvc").resolve())
     out = Path(args.out)
     rows = {}
     for name, sets in variants:
