@@ -150,6 +150,13 @@ class TrainClsConfig:
                            doc="adaptive selection of a class whose map has no pixel > 0.5 (overlap 0/0): "
                                "background = the authors' code; foreground = until the map is confident")
     lam: float = knob(0.5, range=(0.0, 1.0), doc="weight of M_fg against 1 - M_bg (eq. 1)")
+    selection_warmup: int = knob(0, range=(0, None), doc="first iterations with every present class in the "
+                                                         "foreground (naive) before map_selection; 0 = none (paper)")
+    loss_stride: int = knob(0, range=(0, 64), doc="L_sal and the map selection on maps upsampled to crop_size / "
+                                                  "loss_stride pixels; 0 = at the map size (paper)")
+    saliency_resize: str = knob("area", choices=("area", "nearest"),
+                                doc="saliency to the L_sal size: area = antialiased average; nearest = "
+                                    "one sampled pixel per cell (authors)")
     predefined_background: list[str] = knob([], doc="class names always assigned to the background "
                                                     "(map_selection: predefined)")
     iterations: int = knob(500, range=(1, None))
@@ -298,10 +305,10 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("auto", choices=("auto", "threshold", "bgmap"),
+    background: str = knob("auto", choices=("auto", "threshold", "bgmap", "saliency"),
                            doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
-                               "background probability (eps models only); auto = bgmap when the CAMs carry one, "
-                               "else threshold")
+                               "background probability (eps models only); saliency = 1 - the saliency map at "
+                               "image size; auto = bgmap when the CAMs carry one, else threshold")
     bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode (authors: 0.20)")
     crf: bool = knob(False, doc="refine with a dense CRF (pydensecrf)")
     crf_preset: str = knob("paper", choices=("paper", "psa", "custom"),

@@ -44,12 +44,23 @@ def classification_loss(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.multilabel_soft_margin_loss(image_logits(maps, num_classes), labels.to(maps.dtype))
 
 
-def resize_saliency(saliency: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize ``(B, 1, H, W)`` or ``(B, H, W)`` saliency in [0, 1] to the map size ``(h, w)``."""
+SALIENCY_RESIZES = ("area", "nearest")
+
+
+def resize_saliency(saliency: torch.Tensor, size: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Resize ``(B, 1, H, W)`` or ``(B, H, W)`` saliency in [0, 1] to the map size ``(h, w)``.
+
+    ``area``: antialiased bilinear (a cell sees the mean of the pixels it covers); ``nearest``:
+    one sampled pixel per cell, as the authors' ``F.interpolate(..., mode='nearest')``.
+    """
     if saliency.dim() == 3:
         saliency = saliency.unsqueeze(1)
     if tuple(saliency.shape[-2:]) == tuple(size):
         return saliency
+    if mode == "nearest":
+        return F.interpolate(saliency, size=size, mode="nearest")
+    if mode != "area":
+        raise ValueError(f"unknown saliency resize {mode!r} ({' or '.join(SALIENCY_RESIZES)})")
     return F.interpolate(saliency, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -125,14 +136,20 @@ def estimated_saliency(maps: torch.Tensor, saliency: torch.Tensor, labels: torch
 def saliency_loss(maps: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor,
                   strategy: str = "adaptive", tau: float = 0.4, lam: float = 0.5,
                   predefined_background: torch.Tensor | None = None, empty_maps: str = "background",
-                  return_selection: bool = False):
+                  return_selection: bool = False, loss_size: tuple[int, int] | None = None,
+                  saliency_resize: str = "area"):
     """L_sal (eq. 3): mean over batch and pixels of ``(M_s - M_hat)^2``.
 
-    ``saliency`` is ``(B, 1, H, W)`` or ``(B, H, W)`` in [0, 1] at any size; it is resized
-    to the map size first. With ``return_selection`` also the share of present classes that
-    joined the foreground (a training diagnostic; NaN when no class is present).
+    ``saliency`` is ``(B, 1, H, W)`` or ``(B, H, W)`` in [0, 1] at any size. By default (the
+    paper) it is resized to the map size (``saliency_resize``). With ``loss_size`` larger than
+    the maps, the raw maps are first upsampled bilinearly to ``loss_size`` (before the softmax),
+    so the loss and the selection see the saliency's boundaries instead of cell averages. With
+    ``return_selection`` also the share of present classes that joined the foreground (a
+    training diagnostic; NaN when no class is present).
     """
-    sal = resize_saliency(saliency.to(maps.dtype), tuple(maps.shape[-2:]))[:, 0]
+    if loss_size is not None and tuple(loss_size) != tuple(maps.shape[-2:]):
+        maps = F.interpolate(maps, size=tuple(loss_size), mode="bilinear", align_corners=False)
+    sal = resize_saliency(saliency.to(maps.dtype), tuple(maps.shape[-2:]), saliency_resize)[:, 0]
     out = estimated_saliency(maps, sal, labels, strategy, tau, lam, predefined_background, empty_maps)
     loss = ((sal - out["estimate"]) ** 2).mean()
     if not return_selection:

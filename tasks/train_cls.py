@@ -508,6 +508,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
             dist.barrier()
         return result
 
+    loss_size = (cfg.crop_size // cfg.loss_stride,) * 2 if cfg.loss_stride else None
     net.train()
     bar = None
     if progress and is_main:
@@ -533,8 +534,10 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         loss_cls = classification_loss(maps, labels)
         if cfg.method == "eps":
             sal = batch["saliency"].to(dctx.device, non_blocking=True)
-            loss_sal, fg_share = saliency_loss(maps, sal, labels, cfg.map_selection, cfg.tau, cfg.lam, predefined,
-                                               cfg.empty_maps, return_selection=True)
+            selection = "naive" if it < cfg.selection_warmup else cfg.map_selection
+            loss_sal, fg_share = saliency_loss(maps, sal, labels, selection, cfg.tau, cfg.lam, predefined,
+                                               cfg.empty_maps, return_selection=True, loss_size=loss_size,
+                                               saliency_resize=cfg.saliency_resize)
         else:
             loss_sal, fg_share = torch.zeros((), device=dctx.device), 0.0
         loss = loss_cls + loss_sal

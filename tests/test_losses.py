@@ -232,3 +232,45 @@ def test_saliency_is_resized_to_the_map_size():
 def test_loss_requires_c_plus_1_maps():
     with pytest.raises(ValueError, match="C\\+1"):
         saliency_loss(torch.randn(1, 3, 2, 2), torch.rand(1, 2, 2), torch.tensor([[1.0, 0, 1]]))
+
+
+def test_nearest_saliency_resize_samples_one_pixel_per_cell():
+    sal = torch.zeros(1, 1, 4, 4)
+    sal[0, 0, 0, 0] = 1.0          # nearest at 2x2 samples rows/cols 0 and 2: sees this pixel
+    sal[0, 0, 1, 1] = 1.0          # ... and never this one
+    near = resize_saliency(sal, (2, 2), mode="nearest")[0, 0]
+    assert near.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    area = resize_saliency(sal, (2, 2), mode="area")[0, 0]
+    assert 0.0 < area[0, 0].item() < 1.0                      # a weighted mean of the pixels it covers
+    with pytest.raises(ValueError, match="saliency resize"):
+        resize_saliency(sal, (2, 2), mode="cubic")
+
+
+def test_loss_size_upsamples_the_maps_before_the_softmax():
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 4, 4)
+    labels = torch.tensor([[1.0, 0], [1, 1]])
+    sal = torch.rand(2, 1, 16, 16)
+    up = F.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = saliency_loss(up, resize_saliency(sal, (8, 8)), labels)
+    torch.testing.assert_close(saliency_loss(maps, sal, labels, loss_size=(8, 8)), expected)
+    # at the map size it is the paper's loss, unchanged
+    torch.testing.assert_close(saliency_loss(maps, sal, labels, loss_size=(4, 4)), saliency_loss(maps, sal, labels))
+
+
+def test_upsampled_loss_sees_a_boundary_inside_a_cell():
+    # one 2x2 map; the saliency's edge runs through the middle of the left cells. At map size the
+    # saliency is a cell average (0.5) and the loss cannot tell the edge's side; upsampled it can.
+    maps = torch.zeros(1, 2, 2, 2)                           # C = 1: class map + background
+    sal = torch.zeros(1, 1, 8, 8)
+    sal[..., :3] = 1.0                                       # 3 of the 4 columns of each left cell
+    labels = torch.tensor([[1.0]])
+    left_heavy = maps.clone()
+    left_heavy[0, 0, :, 0] = 2.0                             # class on the left cells
+    at_map = saliency_loss(left_heavy, sal, labels, "naive")
+    fine = saliency_loss(left_heavy, sal, labels, "naive", loss_size=(8, 8))
+    assert fine.item() != pytest.approx(at_map.item())
+    # the gradient at loss_size reaches the raw maps
+    m = left_heavy.clone().requires_grad_(True)
+    saliency_loss(m, sal, labels, "naive", loss_size=(8, 8)).backward()
+    assert m.grad.abs().sum() > 0
