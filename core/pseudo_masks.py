@@ -109,12 +109,15 @@ def read_cams_meta(cams_dir: str | Path) -> dict:
 # --------------------------------------------------------------------------- scores -> mask
 
 
-def mask_scores(rec: CamRecord, background: str, bg_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
+                saliency: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Candidate scores ``(1 + P, H, W)`` and their mask values ``[0, c_1 + 1, ...]``.
 
     ``background="threshold"``: the background score is the constant ``bg_threshold``
     (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
-    ``"auto"``: bgmap when the record has one, else threshold.
+    ``"saliency"``: ``1 - saliency`` (``(H, W)`` in [0, 1]), the pixel-level saliency the
+    classifier was trained on, so a class wins where it is salient and its normalised CAM beats
+    the non-saliency; ``"auto"``: bgmap when the record has one, else threshold.
     """
     h, w = rec.size
     if background == "auto":
@@ -126,8 +129,15 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float) -> tuple[n
             raise PseudoMaskError("background = bgmap needs the background map of an eps model; "
                                   "these CAMs come from a model without one (use threshold)")
         bg = rec.bg[None].astype(np.float32)
+    elif background == "saliency":
+        if saliency is None:
+            raise PseudoMaskError("background = saliency needs the image's saliency map")
+        if saliency.shape != (h, w):
+            raise PseudoMaskError(f"saliency map is {saliency.shape[1]}x{saliency.shape[0]} but the CAMs are "
+                                  f"{w}x{h}; rerun the saliency stage on this dataset")
+        bg = 1.0 - np.clip(saliency, 0.0, 1.0)[None].astype(np.float32)
     else:
-        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold or bgmap)")
+        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap or saliency)")
     scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
     values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
     return scores, values

@@ -6,8 +6,9 @@ images of ``data/prepared/dataset.json``, and writes ONE HDF5 file ``data/pseudo
 plain h5py, export VOC PNGs with ``python -m core.pseudo_masks png``).
 
 Per image: scores ``[background, CAM of each present class]`` where the background score is
-the constant ``bg_threshold`` (authors' ``--thr 0.20``) or the eps model's background
-probability (``background: bgmap``); the mask is their argmax (ties -> background), or the
+the constant ``bg_threshold`` (authors' ``--thr 0.20``), the eps model's background
+probability (``background: bgmap``) or one minus the image's saliency map (``background:
+saliency``, from ``data/saliency/``); the mask is their argmax (ties -> background), or the
 argmax of the CRF posterior started from them (:mod:`core.crf`). Images are processed by
 ``workers`` processes; the main process writes the file to a temporary name and renames it
 when complete, so a killed export leaves nothing at the final path.
@@ -45,9 +46,11 @@ def crf_params(cfg: ExportMasksConfig) -> CrfParams:
     return CRF_PRESETS[cfg.crf_preset]
 
 
-def make_mask(rec, cfg: ExportMasksConfig, image: np.ndarray | None = None) -> np.ndarray:
-    """The uint8 pseudo-mask of one CAM record (``image`` is needed for the CRF)."""
-    scores, values = mask_scores(rec, cfg.background, cfg.bg_threshold)
+def make_mask(rec, cfg: ExportMasksConfig, image: np.ndarray | None = None,
+              saliency: np.ndarray | None = None) -> np.ndarray:
+    """The uint8 pseudo-mask of one CAM record (``image`` is needed for the CRF, ``saliency``
+    for ``background: saliency``)."""
+    scores, values = mask_scores(rec, cfg.background, cfg.bg_threshold, saliency)
     if not cfg.crf:
         return argmax_mask(scores, values)
     if image is None:
@@ -64,9 +67,10 @@ def make_mask(rec, cfg: ExportMasksConfig, image: np.ndarray | None = None) -> n
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg: ExportMasksConfig, cams_dir: str, dataset: Any, manifest: str | None) -> None:
+def _init_worker(cfg: ExportMasksConfig, cams_dir: str, dataset: Any, manifest: str | None,
+                 saliency_dir: str | None = None) -> None:
     _WORKER.clear()
-    _WORKER.update(cfg=cfg, cams_dir=cams_dir, dataset=dataset, manifest=manifest)
+    _WORKER.update(cfg=cfg, cams_dir=cams_dir, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir)
 
 
 def _dataset():
@@ -83,8 +87,12 @@ def _process(image_id: str) -> tuple:
     t0 = time.perf_counter()
     if cfg.crf:
         image = _dataset().load_image(image_id)
+    saliency = None
+    if cfg.background == "saliency":
+        from core.saliency_maps import load_saliency
+        saliency = load_saliency(_WORKER["saliency_dir"], image_id, tuple(rec.size))
     try:
-        mask = make_mask(rec, cfg, image)
+        mask = make_mask(rec, cfg, image, saliency)
     except ExportMasksError as e:
         raise ExportMasksError(f"{image_id}: {e}") from None
     seconds = time.perf_counter() - t0
@@ -110,7 +118,8 @@ def resolve_background(cfg: ExportMasksConfig, cams_meta: dict) -> ExportMasksCo
     return dataclasses.replace(cfg, background="bgmap" if cams_meta.get("has_bgmap") else "threshold")
 
 
-def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path) -> list[str]:
+def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
+                 saliency_dir: Path | None = None) -> list[str]:
     """Everything that can be checked before work starts; returns the ids to export."""
     if cfg.background == "bgmap" and not cams_meta.get("has_bgmap"):
         raise ExportMasksError(
@@ -124,11 +133,22 @@ def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path) -> lis
     if missing:
         raise ExportMasksError(f"{len(missing)} CAM file(s) listed in {cams_dir}/meta.json are missing, e.g. "
                                f"{cam_path(cams_dir, missing[0])}; rerun infer_cam")
+    if cfg.background == "saliency":
+        from core.saliency_maps import saliency_path
+        if saliency_dir is None or not Path(saliency_dir).is_dir():
+            raise ExportMasksError(f"params key 'export_masks.background' is saliency but the saliency folder "
+                                   f"{saliency_dir} does not exist; run the saliency stage first")
+        missing = [i for i in ids if not Path(saliency_path(saliency_dir, i)).is_file()]
+        if missing:
+            raise ExportMasksError(f"{len(missing)} image(s) have no saliency map in {saliency_dir}, e.g. "
+                                   f"{saliency_path(saliency_dir, missing[0])}; run the saliency stage on "
+                                   f"these splits (params key 'saliency.splits')")
     return ids
 
 
 def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *, dataset: Any = None,
-           manifest: str | Path | None = None, progress: bool = True, on_image=None) -> dict:
+           manifest: str | Path | None = None, saliency_dir: str | Path | None = None, progress: bool = True,
+           on_image=None) -> dict:
     """Write the pseudo-mask file; returns its root attributes.
 
     ``dataset`` (or ``manifest`` to open one) supplies images for the CRF. ``on_image(n)`` is
@@ -138,7 +158,7 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
     out_path = Path(out_path)
     meta = _read_cams_meta(cams_dir)
     cfg = resolve_background(cfg, meta)
-    ids = check_inputs(cfg, meta, cams_dir)
+    ids = check_inputs(cfg, meta, cams_dir, Path(saliency_dir) if saliency_dir else None)
     if cfg.crf and dataset is None and manifest is None:
         raise ExportMasksError("the CRF needs the images: give the dataset manifest")
     if cfg.crf and dataset is not None and hasattr(dataset, "image_size"):
@@ -168,7 +188,8 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
         "cams_fingerprint": str(meta.get("fingerprint")),
         "params": {"infer_cam": meta.get("params"), "export_masks": to_dict(cfg)},
     }
-    init_args = (cfg, str(cams_dir), dataset, str(manifest) if manifest else None)
+    init_args = (cfg, str(cams_dir), dataset, str(manifest) if manifest else None,
+                 str(saliency_dir) if saliency_dir else None)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -215,13 +236,14 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
 
 def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = "data/cams",
         manifest: str | Path = "data/prepared/dataset.json", out_path: str | Path = "data/pseudo_masks.h5",
-        progress: bool = True) -> dict:
+        saliency_dir: str | Path = "data/saliency", progress: bool = True) -> dict:
     """The stage: check the inputs, then write ``out_path``."""
     dataset = None
     if cfg.crf:
         from core.datasets import open_dataset
         dataset = open_dataset(manifest)
-    return export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, progress=progress)
+    return export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir,
+                  progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cams", default="data/cams")
     ap.add_argument("--manifest", default="data/prepared/dataset.json")
     ap.add_argument("--out", default="data/pseudo_masks.h5")
+    ap.add_argument("--saliency-dir", default="data/saliency", help="saliency maps (background: saliency)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params)
-        attrs = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out)
+        attrs = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,
+                    saliency_dir=args.saliency_dir)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, ExportMasksError, DatasetError
         print(f"export_masks: error: {e}", file=sys.stderr)
         return 2

@@ -226,3 +226,40 @@ def test_export_with_crf_and_size_check(tmp_path):
     with pytest.raises(ExportMasksError, match="rerun infer_cam"):
         export(ExportMasksConfig(workers=1, crf=True), cams, tmp_path / "bad.h5", dataset=_RGB((13, 16)),
                progress=False)
+
+
+def test_saliency_background_by_hand():
+    from core.pseudo_masks import argmax_mask, mask_scores
+    # two present classes (0 and 2) on a 1x4 strip; saliency decides where the background ends
+    cams = np.array([[[0.9, 0.9, 0.2, 0.1]], [[0.1, 0.3, 0.6, 0.05]]], np.float32)
+    rec = CamRecord(cams, np.array([0, 2]), None, (1, 4))
+    sal = np.array([[1.0, 0.05, 0.7, 0.9]], np.float32)   # bg scores 0, 0.95, 0.3, 0.1
+    mask = argmax_mask(*mask_scores(rec, "saliency", 0.2, sal))
+    assert mask.tolist() == [[1, 0, 3, 0]]                # pixel 3: max CAM 0.1 <= 1 - 0.9 = 0.1 (tie -> bg)
+    with pytest.raises(PseudoMaskError, match="saliency map"):
+        mask_scores(rec, "saliency", 0.2)
+    with pytest.raises(PseudoMaskError, match="2x1"):
+        mask_scores(rec, "saliency", 0.2, np.zeros((1, 2), np.float32))
+
+
+def test_export_with_saliency_background(tmp_path):
+    from core.pseudo_masks import read_cam_file
+    from core.saliency_maps import load_saliency, write_map_atomic
+    cams, ids = _cams_dir(tmp_path, method="cam")
+    sal_dir = tmp_path / "saliency"
+    rng = np.random.default_rng(1)
+    for i in ids[:-1]:
+        write_map_atomic(sal_dir / f"{i}.png", rng.integers(0, 256, (12, 16), dtype=np.uint8))
+    cfg = ExportMasksConfig(background="saliency", workers=2)
+    with pytest.raises(ExportMasksError, match=f"1 image\\(s\\) have no saliency map.*{ids[-1]}"):
+        export(cfg, cams, tmp_path / "x.h5", saliency_dir=sal_dir, progress=False)
+    assert not (tmp_path / "x.h5").exists()
+    write_map_atomic(sal_dir / f"{ids[-1]}.png", np.full((12, 16), 128, np.uint8))
+    attrs = export(cfg, cams, tmp_path / "x.h5", saliency_dir=sal_dir, progress=False)
+    assert attrs["background"] == "saliency"
+    with PseudoMasks(tmp_path / "x.h5") as pm:
+        for i in ids:
+            rec = read_cam_file(cams / f"{i}.npz")
+            bg = 1 - load_saliency(sal_dir, i, (12, 16))
+            expected = np.where(rec.cams.max(0) > bg, np.array([1, 3])[rec.cams.argmax(0)], 0)
+            np.testing.assert_array_equal(pm.mask(i), expected)
