@@ -56,8 +56,32 @@ def test_metrics_are_collected_from_the_stage_outputs(tmp_path):
     put("data/train_cls/live/metrics.json", {"val": {"mAP": 0.9}, "perf": {"sec_per_iter": 0.5, "peak_rss_mb": 100}})
     put("data/metrics/eval_pseudo.json", {"miou": 0.3, "boundary": {"f1": 0.2},
                                           "cooccurrence": {"mean_ratio": 1.5, "pairs": {"rail->train": {"ratio": 1.5}}},
+                                          "threshold_sweep": {"oracle_threshold": 0.8, "oracle_miou": 0.35},
                                           "timing": {"infer_images_per_s": 5.0, "export_images_per_s": 20.0}})
     row = cv.collect(tmp_path)
     assert row["val_mAP"] == 0.9 and row["pseudo_miou"] == 0.3 and row["confusion"] == 1.5
+    assert (row["oracle_miou"], row["oracle_threshold"]) == (0.35, 0.8)
+    assert cv.oracle_cell(row) == "0.350 @ 0.8" and cv.oracle_cell({"oracle_miou": None}) == "-"
     assert row["pairs"] == {"rail->train": 1.5}
     assert row["seg_miou"] is None and row["seg_train_s"] is None  # the segmenter did not run
+
+
+def _embedded_benchmark():
+    spec = importlib.util.spec_from_file_location("embedded_benchmark", REPO / "bench" / "embedded_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the_results():
+    eb = _embedded_benchmark()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, spec, target, _ in eb.VARIANTS:
+        cv.apply_overrides(yaml.safe_load(yaml.safe_dump(params)), eb.parse_sets(spec), name)  # exits on a bad key
+        assert target in ("evaluate", "evaluate_seg")
+    row = {"label": "EPS", "pseudo_miou": 0.5, "oracle_miou": 0.4, "oracle_threshold": 0.6, "boundary_f1": 0.3,
+           "confusion": 1.25, "pairs": {"rail->train": 1.25}, "seg_miou": 0.45, "seg_train_s": 300.0,
+           "val_mAP": 0.99, "s_per_iter": 0.5, "peak_rss_mb": 1200.0}
+    text = eb.tables({"variants": {"eps": row}, "command": "python bench/embedded_benchmark.py", "machine": "2 CPUs"})
+    assert "| EPS | 0.500 | 0.400 @ 0.6 | 0.300 | 1.25 | 1.25 |" in text
+    assert "| EPS | 0.450 | 300 |" in text and "| EPS | 0.990 | 0.50 | 1200 |" in text

@@ -1,0 +1,157 @@
+"""The embedded benchmark: every variant the README reports, one results file, the README tables from it.
+
+    python bench/embedded_benchmark.py                 # run every variant, write results/embedded_benchmark.json
+                                                       # and the README tables
+    python bench/embedded_benchmark.py --only eps,cam  # rerun some variants, keep the others' rows
+    python bench/embedded_benchmark.py --readme-only   # regenerate the README tables from the results file
+
+Each variant is a scratch copy of the project run by ``bench/compare_variants.py`` (the DVC run cache
+restores stages whose deps and params match an earlier run, so variants that differ only in
+``export_masks`` train nothing). Baselines are reported at their best: every row carries, beside the
+mIoU of its own rule, the oracle-threshold mIoU (the constant background threshold that is best
+against the ground truth -- an oracle, labelled as such, never used by the pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_variants import REPO, apply_overrides, collect, fmt, make_copy  # noqa: E402
+
+RESULTS = REPO / "results" / "embedded_benchmark.json"
+README = REPO / "README.md"
+START, END = "<!-- embedded-benchmark:start -->", "<!-- embedded-benchmark:end -->"
+
+# name, overrides (section.key=value), target stage, what the row is
+VARIANTS: tuple[tuple[str, str, str, str], ...] = (
+    ("cam", "train_cls.method=cam,export_masks.background=threshold", "evaluate_seg",
+     "CAM, constant background 0.20 (authors' rule)"),
+    ("cam_saliency", "train_cls.method=cam", "evaluate", "CAM, background 1 - saliency (the default rule)"),
+    ("eps", "", "evaluate_seg", "EPS, defaults (background 1 - saliency)"),
+    ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, the model's background map"),
+    ("eps_threshold", "export_masks.background=threshold", "evaluate", "EPS, constant background 0.20"),
+    ("eps_crf", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF"),
+    ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
+     "ground-truth masks (upper bound)"),
+    ("eps_loss_stride4", "train_cls.loss_stride=4", "evaluate", "EPS, L_sal on maps upsampled to crop/4"),
+    ("eps_warmup", "train_cls.selection_warmup=100", "evaluate",
+     "EPS, naive selection for the first 100 iterations"),
+    ("eps_authors", "train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
+                    "export_masks.background=threshold", "evaluate",
+     "EPS, the authors' rules (empty maps to the background, nearest saliency, 0.20)"),
+)
+
+
+def parse_sets(spec: str) -> list[tuple[list[str], object]]:
+    sets = []
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        sets.append((key.split("."), yaml.safe_load(value)))
+    return sets
+
+
+def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
+    run = out / name
+    make_copy(run)
+    params = apply_overrides(yaml.safe_load((run / "params.yaml").read_text()), parse_sets(spec), name)
+    (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = run / "repro.log"
+    print(f"[{name}] dvc repro {target} in {run} (log: {log})", flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([dvc, "repro", target], cwd=run, stdout=f, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] dvc repro failed (exit {proc.returncode}); see {log}")
+    row = collect(run)
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    print(f"[{name}] done in {row['wall_s']:.0f} s: pseudo mIoU {fmt(row['pseudo_miou'])}", flush=True)
+    return row
+
+
+def tables(results: dict) -> str:
+    """The README's markdown tables, from the results file alone."""
+    rows = results["variants"]
+    lines = ["Pseudo-masks of the embedded training images. *Oracle threshold*: the constant background "
+             "threshold that is best against the ground truth (an oracle, never used by the pipeline). "
+             "m_kc = FP_kc / TP_c, context pixels taken for the class per true class pixel (lower is better).", "",
+             "| masks | mIoU | oracle-threshold mIoU | boundary F1 | mean m_kc | "
+             + " | ".join(sorted(next((r["pairs"] for r in rows.values() if r.get("pairs")), {}))) + " |"]
+    pair_names = sorted(next((r["pairs"] for r in rows.values() if r.get("pairs")), {}))
+    lines.append("|" + "---|" * (5 + len(pair_names)))
+    for name, r in rows.items():
+        if r.get("pseudo_miou") is None or name == "gt_seg":
+            continue
+        oracle = "-" if r.get("oracle_miou") is None else f"{fmt(r['oracle_miou'])} @ {r['oracle_threshold']:g}"
+        lines.append(f"| {r['label']} | {fmt(r['pseudo_miou'])} | {oracle} | {fmt(r['boundary_f1'])} "
+                     f"| {fmt(r['confusion'], 2)} | " + " | ".join(fmt(r["pairs"].get(p), 2) for p in pair_names)
+                     + " |")
+    lines += ["", "| segmenter (DeepLab-v2) trained on | val mIoU | training s |", "|---|---|---|"]
+    for name, r in rows.items():
+        if r.get("seg_miou") is not None:
+            lines.append(f"| {r['label']} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
+    lines += ["", "| classifier | val mAP | s/iter | peak MiB |", "|---|---|---|---|"]
+    for name in ("cam", "eps"):
+        r = rows.get(name)
+        if r and r.get("val_mAP") is not None:
+            lines.append(f"| {name.upper()} | {fmt(r['val_mAP'])} | {fmt(r['s_per_iter'], 2)} "
+                         f"| {fmt(r['peak_rss_mb'], 0)} |")
+    lines += ["", f"Made by `{results['command']}` ({results['machine']}); every row's command is in "
+              "`results/embedded_benchmark.json`."]
+    return "\n".join(lines)
+
+
+def write_readme(results: dict) -> None:
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{tables(results)}\n{END}", text,
+                 flags=re.S)
+    README.write_text(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="comma-separated variant names to (re)run; the others keep their rows")
+    ap.add_argument("--out", default="/tmp/embedded_benchmark", help="scratch copies, one per variant")
+    ap.add_argument("--readme-only", action="store_true", help="only regenerate the README tables")
+    args = ap.parse_args(argv)
+    known = {v[0]: v for v in VARIANTS}
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"variants": {}}
+    if not args.readme_only:
+        names = [n for n in args.only.split(",") if n] or list(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(known)}")
+        dvc = str(Path(shutil.which("dvc") or Path(sys.executable).parent / "dvc").resolve())
+        for name in names:
+            _, spec, target, label = known[name]
+            row = run_variant(name, spec, target, Path(args.out), dvc)
+            cmd = (f"python bench/compare_variants.py --target {target} --variant {name}"
+                   + (f":{spec}" if spec else ""))
+            results["variants"][name] = {"label": label, "overrides": spec, "command": cmd, **row}
+            results["variants"] = {n: results["variants"][n] for n in known if n in results["variants"]}
+            results["command"] = "python bench/embedded_benchmark.py"
+            results["machine"] = f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
+            RESULTS.parent.mkdir(exist_ok=True)
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # after each variant: a kill keeps the rest
+            print(f"wrote {RESULTS}")
+    write_readme(results)
+    print(tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Component upper bounds of the pseudo-masks: what each part of the pipeline allows at best.
+
+    python bench/upper_bounds.py                      # the embedded run in data/
+    python bench/upper_bounds.py --saliency-dir /tmp/x/data/saliency --json /tmp/bounds.json
+
+Every bound uses the ground truth (oracles: information for the README, never used by the pipeline),
+on the ``--split`` images:
+
+* **resolution**: the ground truth as the classifier's grid would carry it. For each inference scale
+  ``s`` the one-hot ground truth is area-averaged to the map size of that view (image size x ``s`` /
+  output stride, as infer_cam sees it), upsampled back bilinearly as infer_cam does, summed over the
+  scales; argmax. What perfect class maps at that resolution could give.
+* **saliency as background**: a salient pixel (saliency > 0.5) keeps its true class (a salient
+  background pixel is given the largest class present: a perfect class assignment can only pick a
+  present class there), a non-salient pixel is background. What perfect class maps can give when the
+  saliency decides the background (``export_masks.background: saliency``).
+* **saliency alone**: IoU of the salient region with the true foreground (class-agnostic).
+* **present classes**: every object pixel labelled with its true class inside the true foreground but
+  the background predicted everywhere else: 1.0 by definition; not printed.
+
+The **saliency oracle** (ground-truth foreground given as saliency maps, training included) is a pipeline
+variant: ``--write-gt-saliency DIR`` writes those maps so that
+``bench/compare_variants.py --variant salo:saliency.backend=precomputed,saliency.precomputed_dir=DIR``
+trains with them (``bench/embedded_benchmark.py`` does it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.config import load_params  # noqa: E402
+from core.datasets import open_dataset  # noqa: E402
+from core.metrics import SegEvaluator  # noqa: E402
+from core.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
+
+
+def resolution_oracle(gt: np.ndarray, num_labels: int, scales: list[float], stride: int) -> np.ndarray:
+    """Argmax of the ground truth pooled to each view's map grid and upsampled back, summed over scales."""
+    h, w = gt.shape
+    valid = np.where(gt == 255, 0, gt)
+    onehot = torch.from_numpy(np.eye(num_labels, dtype=np.float32)[valid]).permute(2, 0, 1)[None]
+    total = torch.zeros_like(onehot)
+    for s in scales:
+        size = (max(1, int(np.ceil(round(h * s) / stride))), max(1, int(np.ceil(round(w * s) / stride))))
+        small = F.adaptive_avg_pool2d(onehot, size)
+        total += F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return total[0].argmax(0).numpy().astype(np.uint8)
+
+
+def saliency_background_oracle(gt: np.ndarray, saliency: np.ndarray) -> np.ndarray:
+    """True classes on salient pixels, background elsewhere (salient background -> largest class present)."""
+    salient = saliency > 0.5
+    present, counts = np.unique(gt[(gt > 0) & (gt != 255)], return_counts=True)
+    fill = int(present[np.argmax(counts)]) if len(present) else 0
+    pred = np.where(salient, np.where((gt > 0) & (gt != 255), gt, fill), 0)
+    return pred.astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--manifest", default="data/prepared/dataset.json")
+    ap.add_argument("--saliency-dir", default="data/saliency")
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--json", default="", help="also write the bounds as JSON here")
+    ap.add_argument("--write-gt-saliency", default="", metavar="DIR",
+                    help="write the ground-truth foreground of every image as saliency maps into DIR and stop")
+    args = ap.parse_args(argv)
+    params = load_params(args.params)
+    ds = open_dataset(args.manifest)
+    if args.write_gt_saliency:
+        out = Path(args.write_gt_saliency)
+        n = 0
+        for split in ("train", "val"):
+            for image_id in ds.ids(split):
+                gt = ds.load_mask(image_id)
+                if gt is None:
+                    raise SystemExit(f"image '{image_id}' has no mask: the saliency oracle needs ground truth")
+                write_map_atomic(out / f"{image_id}.png", (((gt > 0) & (gt != 255)) * 255).astype(np.uint8))
+                n += 1
+        print(f"wrote {n} ground-truth foreground maps to {out}")
+        return 0
+    stride = params.train_cls.output_stride
+    scales = list(params.infer_cam.scales)
+    ctx = dict(getattr(ds, "context_class", {}) or {})
+    res = SegEvaluator(ds.num_classes, ctx)
+    res1 = SegEvaluator(ds.num_classes, ctx)
+    sal_bg = SegEvaluator(ds.num_classes, ctx)
+    inter = union = 0
+    ids = ds.ids(args.split)
+    for image_id in ids:
+        gt = ds.load_mask(image_id)
+        if gt is None:
+            raise SystemExit(f"image '{image_id}' has no mask; --split must have ground truth")
+        context = ds.load_context(image_id) if ctx else None
+        res.add(gt, resolution_oracle(gt, ds.num_classes + 1, scales, stride), context)
+        res1.add(gt, resolution_oracle(gt, ds.num_classes + 1, [1.0], stride), context)
+        sal = load_saliency(args.saliency_dir, image_id, gt.shape)
+        sal_bg.add(gt, saliency_background_oracle(gt, sal), context)
+        fg, salient = (gt > 0) & (gt != 255), (sal > 0.5) & (gt != 255)
+        inter += int((fg & salient).sum())
+        union += int((fg | salient).sum())
+    rows = {}
+    for name, acc in ((f"resolution, scales {scales}, stride {stride}", res),
+                      (f"resolution, scale 1, stride {stride}", res1),
+                      ("saliency as background (perfect classes)", sal_bg)):
+        s = acc.summary()
+        ratios = [p["ratio"] for p in s["cooccurrence"] if not np.isnan(p["ratio"])]
+        rows[name] = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],
+                      "mean_mkc": float(np.mean(ratios)) if ratios else None}
+    rows["saliency alone (foreground IoU)"] = {"miou": inter / union if union else None}
+    print(f"component upper bounds on {len(ids)} {args.split} images (oracles: they use the ground truth)")
+    print("| bound | mIoU | boundary F1 | mean m_kc |\n|---|---|---|---|")
+    for name, r in rows.items():
+        cells = [r.get(k) for k in ("miou", "boundary_f1", "mean_mkc")]
+        print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
