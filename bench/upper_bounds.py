@@ -10,7 +10,7 @@ on the ``--split`` images:
   ``s`` the one-hot ground truth is area-averaged to the map size of that view (image size x ``s`` /
   output stride, as infer_cam sees it), upsampled back bilinearly as infer_cam does, summed over the
   scales; argmax. What perfect class maps at that resolution could give.
-* **saliency as background**: a salient pixel (saliency > 0.5) keeps its true class (a salient
+* **saliency > 0.5 as the foreground**: a salient pixel (saliency > 0.5) keeps its true class (a salient
   background pixel is given the largest class present: a perfect class assignment can only pick a
   present class there), a non-salient pixel is background. What perfect class maps can give when the
   saliency decides the background (``export_masks.background: saliency``).
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, acc in ((f"resolution, scales {scales}, stride {stride}", res),
                       (f"resolution, scale 1, stride {stride}", res1),
-                      ("saliency as background (perfect classes)", sal_bg)):
+                      ("saliency > 0.5 as the foreground (perfect classes)", sal_bg)):
         s = acc.summary()
         ratios = [p["ratio"] for p in s["cooccurrence"] if not np.isnan(p["ratio"])]
         rows[name] = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],

@@ -1,0 +1,68 @@
+"""bench/upper_bounds.py: the resolution and saliency oracles by hand, and the command on a tiny dataset."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("upper_bounds", REPO / "bench" / "upper_bounds.py")
+ub = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ub)
+
+
+def test_resolution_oracle_keeps_grid_aligned_objects_and_loses_small_ones():
+    gt = np.zeros((32, 32), np.uint8)
+    gt[:16, :16] = 1                                  # one whole cell of a stride-16 grid
+    pred = ub.resolution_oracle(gt, 3, [1.0], 16)
+    assert (pred[:12, :12] == 1).all() and (pred[16:, :] == 0).all() and (pred[:, 16:] == 0).all()
+    # bilinear upsampling rounds the cell's corner: (15, 15) has P(1) = 0.53^2 = 0.28 < P(bg)
+    assert pred[15, 15] == 0 and pred[15, 0] == 1
+    dot = np.zeros((32, 32), np.uint8)
+    dot[20:22, 20:22] = 2                             # 4 of a cell's 256 pixels: the cell stays background
+    assert (ub.resolution_oracle(dot, 3, [1.0], 16) == 0).all()
+    # at scale 2 the same 2x2 object covers 16 of 256 pixels of an 8-px-image cell: still lost, but a
+    # 12x12 object (144 / 256 of a stride-16 cell at scale 1) survives
+    big = np.zeros((32, 32), np.uint8)
+    big[16:28, 16:28] = 2
+    assert (ub.resolution_oracle(big, 3, [1.0], 16)[16:28, 16:28] == 2).any()
+    ignore = gt.copy()
+    ignore[0, 0] = 255                                # ignore pixels are not a label
+    assert ub.resolution_oracle(ignore, 3, [1.0], 16).max() <= 2
+
+
+def test_saliency_background_oracle_by_hand():
+    gt = np.array([[0, 1, 1, 2], [0, 0, 2, 255]], np.uint8)
+    sal = np.array([[0.9, 0.8, 0.2, 0.7], [0.1, 0.6, 0.9, 0.9]], np.float32)
+    # salient background pixels take the largest present class (1 and 2 have 2 pixels each: the first, 1);
+    # non-salient pixels are background whatever their class; the ignore pixel (255) is not scored
+    assert ub.saliency_background_oracle(gt, sal).tolist() == [[1, 1, 0, 2], [0, 1, 2, 1]]
+
+
+@pytest.fixture
+def tiny_prepared(tmp_path, make_voc):
+    from core.datasets import VOCDataset, write_manifest
+    root = make_voc(size=(32, 48))
+    ds = VOCDataset(root)
+    manifest = tmp_path / "dataset.json"
+    write_manifest(ds, manifest)
+    return ds, manifest
+
+
+def test_command_with_ground_truth_saliency_gives_perfect_saliency_bounds(tmp_path, tiny_prepared, capsys):
+    ds, manifest = tiny_prepared
+    sal_dir = tmp_path / "gt_saliency"
+    assert ub.main(["--manifest", str(manifest), "--write-gt-saliency", str(sal_dir)]) == 0
+    assert sorted(p.stem for p in sal_dir.glob("*.png")) == sorted(ds.ids("train") + ds.ids("val"))
+    out = tmp_path / "bounds.json"
+    assert ub.main(["--manifest", str(manifest), "--saliency-dir", str(sal_dir), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows["saliency alone (foreground IoU)"]["miou"] == pytest.approx(1.0)
+    assert rows["saliency > 0.5 as the foreground (perfect classes)"]["miou"] == pytest.approx(1.0)
+    res = [v for k, v in rows.items() if k.startswith("resolution")]
+    assert len(res) == 2 and all(0.0 < r["miou"] < 1.0 for r in res)   # 10x10 objects on a stride-16 grid
+    assert "oracles: they use the ground truth" in capsys.readouterr().out
