@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from core.atomic import atomic_path, write_text_atomic
-from core.config import EvaluateConfig, load_params
+from core.config import EvaluateConfig, load_params, stage_sections
 from core.metrics import (SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp,
                           scores_from_confusion)
 from core.pseudo_masks import (CamRecord, PseudoMaskError, PseudoMasks, cam_path, open_predictions,
@@ -308,7 +308,6 @@ def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: 
               f"->{names[p['class'] + 1]}"
         pairs[key] = {"ratio": p["ratio"], "class_iou": p["class_iou"]}
     ratios = [p["ratio"] for p in summary["cooccurrence"] if not math.isnan(p["ratio"])]
-    timing = attrs.get("timing") if isinstance(attrs.get("timing"), dict) else {}
     metrics: dict[str, Any] = {
         "images": summary["images"],
         "miou": std["miou"],
@@ -329,11 +328,6 @@ def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: 
         metrics["source"] = {k: attrs.get(k) for k in ("method", "background", "bg_threshold", "class_activation")}
         crf = attrs.get("crf")
         metrics["source"]["crf"] = crf.get("preset") if isinstance(crf, dict) else "none"
-    if timing:
-        metrics["timing"] = {"infer_images_per_s": timing.get("infer_images_per_s"),
-                             "export_images_per_s": timing.get("images_per_s"),
-                             "export_workers": timing.get("workers"), "crf": timing.get("crf"),
-                             "mask_seconds_per_image": timing.get("mask_seconds_per_image")}
     return _clean(metrics)
 
 
@@ -417,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("evaluate"))
         m = run(params.evaluate, predictions=args.predictions, manifest=args.manifest, cams_dir=args.cams or None,
                 saliency_dir=args.saliency_dir or None, out_dir=args.out, metrics_path=args.metrics,
                 plots_path=args.plots or None, splits=args.splits or None)
