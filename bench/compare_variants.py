@@ -108,6 +108,8 @@ def collect(run: Path) -> dict:
         # the best constant background threshold, picked with the ground truth: an oracle, never a default
         "oracle_threshold": pseudo.get("threshold_sweep", {}).get("oracle_threshold"),
         "oracle_miou": pseudo.get("threshold_sweep", {}).get("oracle_miou"),
+        "oracle_mkc": pseudo.get("threshold_sweep", {}).get("oracle_mean_mkc"),
+        "oracle_pairs": pseudo.get("threshold_sweep", {}).get("oracle_pairs"),
         "infer_img_s": read_json(run / "data/timings/infer_cam.json").get("timing", {}).get("images_per_s"),
         "export_img_s": read_json(run / "data/timings/export_masks.json").get("timing", {}).get("images_per_s"),
         "seg_miou": seg.get("miou"),
