@@ -253,3 +253,25 @@ def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
     model, meta = load_classifier(tmp_path / "out" / "classifier.pt")
     assert meta["method"] == "eps"
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def _logged(tmp_path, name):
+    rows = (tmp_path / "out" / "live" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().split()[2:]
+    return [float(v) for v in rows[1::2]]
+
+
+def test_selection_warmup_keeps_classes_out_of_the_background_trap(tmp_path):
+    # authors' empty-map rule: at initialisation no class map is confident, so every present class joins
+    # the background (share 0) -- unless the first iterations use the naive selection
+    _run(tmp_path / "trap", tiny_cfg(iterations=1, empty_maps="background"))
+    assert _logged(tmp_path / "trap", "fg_selected") == [0.0]
+    _run(tmp_path / "warm", tiny_cfg(iterations=3, checkpoint_every=10, empty_maps="background",
+                                     selection_warmup=2))
+    assert _logged(tmp_path / "warm", "fg_selected")[:2] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("over", [{"loss_stride": 4}, {"saliency_resize": "nearest"}])
+def test_loss_options_change_the_saliency_loss(tmp_path, over):
+    _run(tmp_path / "base", tiny_cfg(iterations=1))
+    _run(tmp_path / "alt", tiny_cfg(iterations=1, **over))
+    assert _logged(tmp_path / "alt", "loss_sal") != pytest.approx(_logged(tmp_path / "base", "loss_sal"), rel=1e-6)
