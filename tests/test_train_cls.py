@@ -222,6 +222,8 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     b = torch.load(tmp_path / "run" / "classifier.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the same bytes: a resumed run's output is what DVC would cache for an uninterrupted one
+    assert (tmp_path / "ref" / "classifier.pt").read_bytes() == (tmp_path / "run" / "classifier.pt").read_bytes()
     # the logged history is complete after the resume
     loss_rows = (tmp_path / "run" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in loss_rows[1:]] == [str(i) for i in range(1, 7)]
