@@ -92,13 +92,14 @@ def read_json(path: Path) -> dict:
 
 def collect(run: Path) -> dict:
     cls = read_json(run / "data/train_cls/live/metrics.json")
+    # timings (core.timings) exist only where the stage ran in this copy, not where DVC restored it
+    cls_perf = read_json(run / "data/timings/train_cls.json").get("perf", {})
     pseudo = read_json(run / "data/metrics/eval_pseudo.json")
-    seg_train = read_json(run / "data/metrics/train_seg.json")
     seg = read_json(run / "data/metrics/eval_seg.json")
     return {
         "val_mAP": cls.get("val", {}).get("mAP"),
-        "s_per_iter": cls.get("perf", {}).get("sec_per_iter"),
-        "peak_rss_mb": cls.get("perf", {}).get("peak_rss_mb"),
+        "s_per_iter": cls_perf.get("sec_per_iter"),
+        "peak_rss_mb": cls_perf.get("peak_rss_mb"),
         "pseudo_miou": pseudo.get("miou"),
         "boundary_f1": pseudo.get("boundary", {}).get("f1"),
         "confusion": pseudo.get("cooccurrence", {}).get("mean_ratio"),
@@ -107,11 +108,13 @@ def collect(run: Path) -> dict:
         # the best constant background threshold, picked with the ground truth: an oracle, never a default
         "oracle_threshold": pseudo.get("threshold_sweep", {}).get("oracle_threshold"),
         "oracle_miou": pseudo.get("threshold_sweep", {}).get("oracle_miou"),
-        "infer_img_s": pseudo.get("timing", {}).get("infer_images_per_s"),
-        "export_img_s": pseudo.get("timing", {}).get("export_images_per_s"),
+        "oracle_mkc": pseudo.get("threshold_sweep", {}).get("oracle_mean_mkc"),
+        "oracle_pairs": pseudo.get("threshold_sweep", {}).get("oracle_pairs"),
+        "infer_img_s": read_json(run / "data/timings/infer_cam.json").get("timing", {}).get("images_per_s"),
+        "export_img_s": read_json(run / "data/timings/export_masks.json").get("timing", {}).get("images_per_s"),
         "seg_miou": seg.get("miou"),
         "seg_per_class_iou": seg.get("per_class_iou"),
-        "seg_train_s": seg_train.get("perf", {}).get("train_seconds"),
+        "seg_train_s": read_json(run / "data/timings/train_seg.json").get("perf", {}).get("train_seconds"),
     }
 
 

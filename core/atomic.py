@@ -8,11 +8,41 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: str | Path) -> list[Path]:
+    """Delete the temporaries a killed writer of ``final`` left beside it (``.<name>.tmp-<pid>-*``
+    of a process that no longer runs); returns what was removed."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for entry in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = entry.name[len(f".{final.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -23,7 +53,8 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
+    remove_stale_temps(final)
+    prefix = f".{final.name}.tmp-{os.getpid()}-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
@@ -52,6 +83,17 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+def save_torch_atomic(obj: Any, final: str | Path) -> None:
+    """``torch.save`` to ``final`` atomically, with bytes that depend only on ``obj``: saving to a
+    buffer keeps the temporary file's name out of the archive (torch names its records after the file)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 def write_text_atomic(final: str | Path, text: str) -> None:

@@ -9,7 +9,8 @@ Each section is a dataclass. A field may carry metadata:
 
 * ``range=(lo, hi)`` inclusive bounds for numbers (``None`` = unbounded),
 * ``choices=(...)`` the allowed values of a string,
-* ``doc="..."`` a one-line description (shown in errors).
+* ``doc="..."`` a one-line description (shown in errors),
+* ``operational=True`` for knobs that change how a stage runs, not its result (:func:`result_params`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ class ConfigError(ValueError):
 
 
 def knob(default: Any, *, range: tuple | None = None, choices: tuple | None = None,
-         doc: str = "") -> Any:
-    """A dataclass field with validation metadata."""
-    meta = {"range": range, "choices": choices, "doc": doc}
+         doc: str = "", operational: bool = False) -> Any:
+    """A dataclass field with validation metadata. ``operational``: the knob changes how a stage runs
+    (processes, threads, device, logging, checkpoints) but not what it computes, so it is not a DVC
+    params dep, not part of a resume fingerprint and not recorded in cached outputs."""
+    meta = {"range": range, "choices": choices, "doc": doc, "operational": operational}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -74,7 +77,7 @@ class PrepareConfig:
     lone_context_prob: float = knob(0.05, range=(0.0, 1.0),
                                     doc="chance an image shows one context whose class is absent")
     preview_count: int = knob(12, range=(0, 64))
-    workers: int = knob(2, range=(1, 256), doc="generation / validation processes")
+    workers: int = knob(2, range=(1, 256), doc="generation / validation processes", operational=True)
 
     def check(self, prefix: str) -> None:
         if self.min_objects > self.max_objects:
@@ -106,9 +109,10 @@ class SaliencyConfig:
     precomputed_dir: str = knob("", doc="folder of <id>.png maps (any size-matched grey/RGB PNG) for "
                                         "backend=precomputed")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"),
-                       doc="onnxruntime device; auto = CUDAExecutionProvider when available")
-    workers: int = knob(2, range=(1, 256), doc="worker processes (1 = in the stage process)")
-    threads_per_worker: int = knob(1, range=(1, 256), doc="onnxruntime / OpenCV threads per worker")
+                       doc="onnxruntime device; auto = CUDAExecutionProvider when available", operational=True)
+    workers: int = knob(2, range=(1, 256), doc="worker processes (1 = in the stage process)", operational=True)
+    threads_per_worker: int = knob(1, range=(1, 256), doc="onnxruntime / OpenCV threads per worker",
+                                   operational=True)
 
     def check(self, prefix: str) -> None:
         for k in ("mean", "std"):
@@ -171,12 +175,12 @@ class TrainClsConfig:
     resize_long: list[int] = knob([96, 160], doc="random rescale: long side drawn from [min, max] pixels")
     flip: bool = knob(True, doc="random horizontal flip")
     color_jitter: list[float] = knob([0.3, 0.3, 0.3, 0.1], doc="brightness, contrast, saturation, hue")
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
-    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes")
-    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process")
-    checkpoint_every: int = knob(50, range=(1, None), doc="iterations between resume checkpoints")
-    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages")
-    eval_every: int = knob(0, range=(0, None), doc="iterations between val mAP evaluations; 0 = at the end only")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
+    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process", operational=True)
+    checkpoint_every: int = knob(50, range=(1, None), doc="iterations between resume checkpoints", operational=True)
+    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages", operational=True)
+    eval_every: int = knob(0, range=(0, None), doc="iterations between val mAP evaluations; 0 = at the end only", operational=True)
 
     def check(self, prefix: str) -> None:
         lo_hi = self.resize_long
@@ -231,13 +235,13 @@ class TrainSegConfig:
     crop_size: int = knob(321, range=(16, 4096))
     scale_range: list[float] = knob([0.5, 1.5], doc="random rescale factor drawn from [min, max]")
     flip: bool = knob(True, doc="random horizontal flip")
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
-    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes")
-    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process")
-    checkpoint_every: int = knob(100, range=(1, None), doc="iterations between resume checkpoints")
-    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
+    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process", operational=True)
+    checkpoint_every: int = knob(100, range=(1, None), doc="iterations between resume checkpoints", operational=True)
+    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages", operational=True)
     eval_every: int = knob(0, range=(0, None), doc="iterations between single-scale val mIoU checks; "
-                                                   "0 = at the end only")
+                                                   "0 = at the end only", operational=True)
 
     def check(self, prefix: str) -> None:
         lo_hi = self.scale_range
@@ -265,8 +269,8 @@ class PredictSegConfig:
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
                            doc="CRF kernels (core/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
-    threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
     report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")
 
     def check(self, prefix: str) -> None:
@@ -284,15 +288,16 @@ class InferCamConfig:
     class_activation: str = knob("auto", choices=("auto", "relu", "softmax"),
                                  doc="auto = as the authors' infer.py: relu of the raw maps for cam "
                                      "models, softmax over the C+1 maps for eps models")
-    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present")
-    threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores")
-    batch_images: int = knob(8, range=(1, 4096), doc="images read and inferred together (equal-size views share a batch)")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores", operational=True)
+    batch_images: int = knob(8, range=(1, 4096), doc="images read and inferred together (equal-size views share a batch)", operational=True)
     max_batch_pixels: int = knob(262_144, range=(1024, None),
                                  doc="most input pixels in one forward pass (bounds memory on large images); "
-                                     "CPU is fastest near 512x512, raise it on a GPU")
+                                     "CPU is fastest near 512x512, raise it on a GPU", operational=True)
     max_side: int = knob(2048, range=(16, 65536),
                          doc="longest side of a scaled view; a larger view is shrunk to it (logged)")
-    loader_threads: int = knob(2, range=(0, 64), doc="threads decoding the next images; 0 = decode inline")
+    loader_threads: int = knob(2, range=(0, 64), doc="threads decoding the next images; 0 = decode inline",
+                               operational=True)
 
     def check(self, prefix: str) -> None:
         if not self.scales or any(s <= 0 for s in self.scales):
@@ -325,7 +330,7 @@ class ExportMasksConfig:
     crf_gt_prob: float = knob(0.7, range=(0.01, 0.99), doc="crf_unary: labels only")
     store_cams: bool = knob(True, doc="also store the float16 CAMs of present classes (and background map)")
     compression: int = knob(4, range=(0, 9), doc="gzip level of the HDF5 datasets")
-    workers: int = knob(2, range=(1, 256), doc="processes computing masks / CRF")
+    workers: int = knob(2, range=(1, 256), doc="processes computing masks / CRF", operational=True)
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,7 @@ class EvaluateConfig:
                                              "(from the CAMs, no CRF; never used to pick the threshold)")
     report_images: int = knob(8, range=(0, 64), doc="rows of report.png (a fixed, evenly spaced sample)")
     report_tile: int = knob(160, range=(32, 1024), doc="tile side in report.png")
-    workers: int = knob(2, range=(1, 256), doc="processes computing per-image metrics")
+    workers: int = knob(2, range=(1, 256), doc="processes computing per-image metrics", operational=True)
 
     def check(self, prefix: str) -> None:
         if not self.splits:
@@ -465,8 +470,48 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``."""
+# the params each DVC stage reads: whole sections or dotted keys (core.stage_deps turns them into
+# dvc.yaml's key-by-key params, leaving the operational knobs out)
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "check_params": (),
+    "prepare": ("dataset", "prepare"),
+    "saliency": ("saliency",),
+    "train_cls": ("seed", "train_cls"),
+    "infer_cam": ("infer_cam",),
+    "export_masks": ("export_masks",),
+    "evaluate": ("evaluate",),
+    "train_seg": ("seed", "train_seg"),
+    "predict_seg": ("predict_seg",),
+    # the segmenter's evaluation: the split it predicted and the evaluate keys that act without CAMs
+    "evaluate_seg": ("predict_seg.split", "evaluate.boundary_tolerance", "evaluate.report_images",
+                     "evaluate.report_tile"),
+    "headline": (),
+}
+
+
+def stage_sections(stage: str) -> tuple[str, ...]:
+    """The params.yaml sections ``stage`` reads (what its ``load_params`` validates)."""
+    return tuple(dict.fromkeys(entry.partition(".")[0] for entry in STAGE_PARAMS[stage]))
+
+
+def is_operational(cls: type, name: str) -> bool:
+    """Whether field ``name`` of config dataclass ``cls`` is an operational knob."""
+    return bool({f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("operational"))
+
+
+def result_params(obj: Any) -> dict:
+    """``to_dict`` of a config section without its operational knobs: what its result depends on."""
+    return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+            if not f.metadata.get("operational")}
+
+
+def load_params(path: str | Path = "params.yaml", sections: tuple[str, ...] | None = None) -> Params:
+    """Read and validate ``params.yaml``.
+
+    ``sections``: validate only these sections (a stage checks what it reads, so a bad ``train_seg``
+    value does not stop ``infer_cam``; the others keep their defaults); an unknown section name is an
+    error either way. ``None``: the whole file (the ``check_params`` stage, first in the DAG).
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
@@ -476,6 +521,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    if sections is not None:
+        known = {f.name for f in dataclasses.fields(Params)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown params key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+        data = {k: v for k, v in data.items() if k in sections}
     try:
         return build(Params, data)
     except ConfigError as e:

@@ -11,7 +11,7 @@ Pseudo-mask HDF5 file ``data/pseudo_masks.h5`` (written by ``tasks.export_masks`
 readable with plain h5py::
 
     /                 attrs: format = "eps-wsss/pseudo-masks", format_version = 1,
-                             created (UTC ISO-8601), num_classes (C), method, checkpoint_sha256,
+                             num_classes (C), method, checkpoint_sha256,
                              scales (JSON list), flip, background, bg_threshold,
                              crf (JSON: preset + kernel values, or "none"), params (JSON of
                              the infer_cam + export_masks sections), split_ids_sha256

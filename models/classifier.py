@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.atomic import atomic_path
+from core.atomic import save_torch_atomic
 from models.backbones import Backbone, build_backbone
 
 METHODS = ("eps", "cam")
@@ -106,8 +106,7 @@ def save_classifier(path: str | Path, model: MapClassifier, meta: dict) -> None:
             raise ValueError(f"classifier metadata lacks '{key}'")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     meta = dict(meta, head_dropout=meta.get("head_dropout", 0.0))
-    with atomic_path(path) as tmp:
-        torch.save({"format": FILE_FORMAT, "meta": meta, "state_dict": state}, tmp)
+    save_torch_atomic({"format": FILE_FORMAT, "meta": meta, "state_dict": state}, path)
 
 
 def load_classifier(checkpoint_path: str | Path, map_location="cpu") -> tuple[MapClassifier, dict]:

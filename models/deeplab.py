@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.atomic import atomic_path
+from core.atomic import save_torch_atomic
 from models.backbones import Backbone, build_backbone
 
 HEADS = ("largefov", "aspp")
@@ -174,8 +174,7 @@ def save_segmenter(path: str | Path, model: DeepLab, meta: dict) -> None:
     if missing:
         raise ValueError(f"segmenter metadata lacks {', '.join(missing)}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": FILE_FORMAT, "meta": dict(meta), "state_dict": state}, tmp)
+    save_torch_atomic({"format": FILE_FORMAT, "meta": dict(meta), "state_dict": state}, path)
 
 
 def load_segmenter(path: str | Path, map_location="cpu") -> tuple[DeepLab, dict]:

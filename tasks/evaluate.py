@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from core.atomic import atomic_path, write_text_atomic
-from core.config import EvaluateConfig, load_params
+from core.config import EvaluateConfig, load_params, stage_sections
 from core.metrics import (SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp,
                           scores_from_confusion)
 from core.pseudo_masks import (CamRecord, PseudoMaskError, PseudoMasks, cam_path, open_predictions,
@@ -108,7 +108,9 @@ def _evaluate_one(image_id: str) -> tuple:
             if tuple(rec.size) != gt.shape:
                 raise EvaluateError(f"CAMs of {image_id} are {rec.size[1]}x{rec.size[0]} but its ground truth is "
                                     f"{gt.shape[1]}x{gt.shape[0]}")
-            sweep = np.stack([confusion_matrix(gt, m, n) for m in sweep_masks(rec, thresholds)])
+            masks = sweep_masks(rec, thresholds)
+            ctx_sweep = [cooccurrence_fp(gt, m, ctx, _WORKER["context_class"]) for m in masks] if ctx_fp else None
+            sweep = (np.stack([confusion_matrix(gt, m, n) for m in masks]), ctx_sweep)
     return conf, bnd, ctx_fp, sweep
 
 
@@ -250,6 +252,7 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
         n_labels = dataset.num_classes + 1
         acc = SegEvaluator(dataset.num_classes, context_class, cfg.boundary_tolerance)
         sweep_conf = np.zeros((len(thresholds), n_labels, n_labels + 1), dtype=np.int64)
+        sweep_ctx = [dict.fromkeys(context_class, 0) for _ in thresholds]   # FP_kc at each threshold
         init = (dataset, str(source), dataset.num_classes, context_class, cfg.boundary_tolerance,
                 thresholds, cams_arg)
         bar = None
@@ -272,7 +275,10 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
                     acc.context_fp[k] += v
                 acc.images += 1
                 if sweep is not None:
-                    sweep_conf += sweep
+                    sweep_conf += sweep[0]
+                    for acc_t, fp_t in zip(sweep_ctx, sweep[1] or []):
+                        for k, v in fp_t.items():
+                            acc_t[k] += v
                 if bar is not None:
                     bar.update(1)
         except PseudoMaskError as e:
@@ -287,11 +293,15 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
         names = ["background", *dataset.class_names]
         ctx_names = list(getattr(dataset, "context_names", []) or [])
         sweep_rows = []
-        for t, conf in zip(thresholds, sweep_conf):
+        for t, conf, fps in zip(thresholds, sweep_conf, sweep_ctx):
             s = scores_from_confusion(conf)
-            sweep_rows.append({"threshold": t, "miou": s["miou"], "mean_precision": s["mean_precision"],
+            pairs = {k: fp / s["tp"][context_class[k] + 1] if s["tp"][context_class[k] + 1] > 0 else math.nan
+                     for k, fp in fps.items()}
+            sweep_rows.append({"threshold": t, "miou": s["miou"],
+                               "mean_mkc": _finite_mean(pairs.values()),
+                               "pairs": pairs, "mean_precision": s["mean_precision"],
                                "mean_recall": s["mean_recall"]})
-        metrics = _metrics(summary, names, ctx_names, sweep_rows, attrs, cfg)
+        metrics = _metrics(summary, names, ctx_names, sweep_rows, attrs, cfg, context_class)
         _write_outputs(Path(out_dir), Path(metrics_path), Path(plots_path) if plots_path else None, summary,
                        names, ctx_names, sweep_rows, metrics, dataset, preds, ids, cams_arg, saliency_dir, cfg)
         return metrics
@@ -299,8 +309,19 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
         preds.close()
 
 
+def _finite_mean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _pair_name(context: int, context_class: dict, names: list[str], ctx_names: list[str]) -> str:
+    """``rail->train``: a context and its class, as the co-occurrence table names them."""
+    ctx = ctx_names[context - 1] if 0 < context <= len(ctx_names) else str(context)
+    return f"{ctx}->{names[context_class[context] + 1]}"
+
+
 def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: list[dict], attrs: dict,
-             cfg: EvaluateConfig) -> dict:
+             cfg: EvaluateConfig, context_class: dict | None = None) -> dict:
     std, authors, bnd = summary["standard"], summary["ignore_pred_255"], summary["boundary"]
     pairs = {}
     for p in summary["cooccurrence"]:
@@ -308,7 +329,6 @@ def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: 
               f"->{names[p['class'] + 1]}"
         pairs[key] = {"ratio": p["ratio"], "class_iou": p["class_iou"]}
     ratios = [p["ratio"] for p in summary["cooccurrence"] if not math.isnan(p["ratio"])]
-    timing = attrs.get("timing") if isinstance(attrs.get("timing"), dict) else {}
     metrics: dict[str, Any] = {
         "images": summary["images"],
         "miou": std["miou"],
@@ -322,18 +342,17 @@ def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: 
     }
     if sweep_rows:
         best = max((r for r in sweep_rows if not math.isnan(r["miou"])), key=lambda r: r["miou"], default=None)
+        # the best constant threshold against the ground truth: an oracle, information only
         metrics["threshold_sweep"] = {
             "oracle_threshold": best["threshold"] if best else math.nan,
-            "oracle_miou": best["miou"] if best else math.nan}  # uses the ground truth: information only
+            "oracle_miou": best["miou"] if best else math.nan,
+            "oracle_mean_mkc": best["mean_mkc"] if best else math.nan,
+            "oracle_pairs": ({_pair_name(k, context_class, names, ctx_names): v for k, v in best["pairs"].items()}
+                             if best else {})}
     if attrs:
         metrics["source"] = {k: attrs.get(k) for k in ("method", "background", "bg_threshold", "class_activation")}
         crf = attrs.get("crf")
         metrics["source"]["crf"] = crf.get("preset") if isinstance(crf, dict) else "none"
-    if timing:
-        metrics["timing"] = {"infer_images_per_s": timing.get("infer_images_per_s"),
-                             "export_images_per_s": timing.get("images_per_s"),
-                             "export_workers": timing.get("workers"), "crf": timing.get("crf"),
-                             "mask_seconds_per_image": timing.get("mask_seconds_per_image")}
     return _clean(metrics)
 
 
@@ -358,7 +377,7 @@ def _write_outputs(out_dir: Path, metrics_path: Path, plots_path: Path | None, s
                          for p in summary["cooccurrence"]],
                         columns=["context", "context_name", "class", "class_name", "fp_pixels", "tp_pixels",
                                  "ratio", "class_iou"])
-    sweep = pd.DataFrame(sweep_rows, columns=["threshold", "miou", "mean_precision", "mean_recall"])
+    sweep = pd.DataFrame(sweep_rows, columns=["threshold", "miou", "mean_mkc", "mean_precision", "mean_recall"])
     with atomic_path(out_dir, is_dir=True) as tmp:
         per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")
         conf.to_csv(tmp / "confusion.csv")
@@ -417,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("evaluate"))
         m = run(params.evaluate, predictions=args.predictions, manifest=args.manifest, cams_dir=args.cams or None,
                 saliency_dir=args.saliency_dir or None, out_dir=args.out, metrics_path=args.metrics,
                 plots_path=args.plots or None, splits=args.splits or None)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from core.atomic import atomic_path
-from core.config import ExportMasksConfig, load_params, to_dict
+from core.config import ExportMasksConfig, load_params, result_params, stage_sections
+from core.timings import timings_path, write_timings
 from core.crf import CRF_PRESETS, CrfParams, crf_argmax
 from core.pseudo_masks import (PseudoMaskError, PseudoMaskWriter, argmax_mask, cam_path, mask_scores,
                                read_cam_file, read_cams_meta)
@@ -175,7 +176,6 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
         if cfg.crf_unary == "labels":
             crf_info["gt_prob"] = cfg.crf_gt_prob
     attrs = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "method": str(meta.get("method")),
         "checkpoint_sha256": str(meta.get("checkpoint_sha256")),
         "scales": list(meta.get("scales") or []),
@@ -186,7 +186,7 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
         "crf": crf_info,
         "splits": list(meta.get("splits") or []),
         "cams_fingerprint": str(meta.get("fingerprint")),
-        "params": {"infer_cam": meta.get("params"), "export_masks": to_dict(cfg)},
+        "params": {"infer_cam": meta.get("params"), "export_masks": result_params(cfg)},
     }
     init_args = (cfg, str(cams_dir), dataset, str(manifest) if manifest else None,
                  str(saliency_dir) if saliency_dir else None)
@@ -219,10 +219,7 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
                       "images_per_s": round(len(ids) / wall, 3) if wall > 0 else None,
                       "workers": cfg.workers, "crf": bool(cfg.crf),
                       "mask_seconds_per_image": round(busy / len(ids), 5)}
-            if "timing" in meta:
-                timing["infer_images_per_s"] = meta["timing"].get("images_per_s")
-            writer.set_attr("timing", json.dumps(timing))
-            attrs["timing"] = timing
+            attrs = dict(attrs, timing=timing)  # returned, never in the file: its bytes depend on the inputs only
     except PseudoMaskError as e:
         raise ExportMasksError(str(e)) from None
     finally:
@@ -236,28 +233,33 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
 
 def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = "data/cams",
         manifest: str | Path = "data/prepared/dataset.json", out_path: str | Path = "data/pseudo_masks.h5",
-        saliency_dir: str | Path = "data/saliency", progress: bool = True) -> dict:
-    """The stage: check the inputs, then write ``out_path``."""
+        saliency_dir: str | Path = "data/saliency", timings: str | Path | None = None,
+        progress: bool = True) -> dict:
+    """The stage: check the inputs, then write ``out_path`` (timings to ``timings``: :mod:`core.timings`)."""
     dataset = None
     if cfg.crf:
         from core.datasets import open_dataset
         dataset = open_dataset(manifest)
-    return export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir,
-                  progress=progress)
+    attrs = export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir,
+                   progress=progress)
+    write_timings(timings, {"timing": attrs["timing"]})
+    return attrs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.export_masks", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--timings", default=str(timings_path("export_masks")),
+                    help="run-dependent figures (core.timings; not a DVC output)")
     ap.add_argument("--cams", default="data/cams")
     ap.add_argument("--manifest", default="data/prepared/dataset.json")
     ap.add_argument("--out", default="data/pseudo_masks.h5")
     ap.add_argument("--saliency-dir", default="data/saliency", help="saliency maps (background: saliency)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("export_masks"))
         attrs = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,
-                    saliency_dir=args.saliency_dir)
+                    saliency_dir=args.saliency_dir, timings=args.timings)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, ExportMasksError, DatasetError
         print(f"export_masks: error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,6 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
 
@@ -52,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.config import InferCamConfig, load_params, to_dict
+from core.config import InferCamConfig, load_params, result_params, stage_sections
+from core.timings import timings_path, write_timings
 from core.pseudo_masks import CamRecord, cam_path, write_cam_file
 
 FORMAT_VERSION = 1
@@ -388,22 +388,22 @@ def infer_dataset(cfg: InferCamConfig, dataset: ImageSource, model: torch.nn.Mod
         "splits": list(cfg.splits),
         "ids": ids,
         "views_capped": len(capped),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "timing": {"images": len(todo), "seconds": round(seconds, 3),
-                   "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-                   "device": str(device), "threads": torch.get_num_threads(),
-                   "resumed_images": len(ids) - len(todo)},
-        "params": to_dict(cfg),
+        "params": result_params(cfg),
     }
-    (partial / "meta.json").write_text(json.dumps(result, indent=1))
+    (partial / "meta.json").write_text(json.dumps(result, indent=1))  # only what the CAMs depend on
     _finish(partial, out_dir)
-    return result
+    # timings vary run to run: returned (run() writes them to core.timings), never in data/cams
+    return dict(result, timing={"images": len(todo), "seconds": round(seconds, 3),
+                                "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+                                "device": str(device), "threads": torch.get_num_threads(),
+                                "resumed_images": len(ids) - len(todo)})
 
 
 def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.json",
         checkpoint: str | Path = "data/train_cls/classifier.pt", out_dir: str | Path = "data/cams",
-        progress: bool = True) -> dict:
-    """The stage: open the dataset and classifier, check them, infer, write ``out_dir``."""
+        timings: str | Path | None = None, progress: bool = True) -> dict:
+    """The stage: open the dataset and classifier, check them, infer, write ``out_dir`` (and the
+    run-dependent figures to ``timings``, :mod:`core.timings`)."""
     from core.datasets import open_dataset
     from models.classifier import load_classifier
 
@@ -413,7 +413,9 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.js
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads or _usable_cores())
-        return infer_dataset(cfg, dataset, model, meta, out_dir, manifest=manifest, progress=progress)
+        result = infer_dataset(cfg, dataset, model, meta, out_dir, manifest=manifest, progress=progress)
+        write_timings(timings, {"timing": result["timing"]})
+        return result
     finally:
         torch.set_num_threads(threads_before)
 
@@ -421,13 +423,16 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.js
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.infer_cam", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--timings", default=str(timings_path("infer_cam")),
+                    help="run-dependent figures (core.timings; not a DVC output)")
     ap.add_argument("--manifest", default="data/prepared/dataset.json")
     ap.add_argument("--checkpoint", default="data/train_cls/classifier.pt")
     ap.add_argument("--out", default="data/cams")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
-        meta = run(params.infer_cam, manifest=args.manifest, checkpoint=args.checkpoint, out_dir=args.out)
+        params = load_params(args.params, sections=stage_sections("infer_cam"))
+        meta = run(params.infer_cam, manifest=args.manifest, checkpoint=args.checkpoint, out_dir=args.out,
+                   timings=args.timings)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, InferCamError, DatasetError, ClassifierError
         print(f"infer_cam: error: {e}", file=sys.stderr)
         return 2

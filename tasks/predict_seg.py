@@ -6,7 +6,7 @@
 * ``masks/<id>.png`` -- palette PNGs (0 background, c+1 class c; VOC ``SegmentationClass``
   style, ready for the VOC evaluation server), the source that ``evaluate`` scores;
 * ``report.png`` -- image / ground truth / prediction for the first ``report_images`` images;
-* ``meta.json`` -- the segmenter checksum, the params, timing.
+* ``meta.json`` -- the segmenter checksum, the params (timings: ``data/timings/predict_seg.json``).
 
 Per image: every scale ``s`` of ``predict_seg.scales`` resizes the image to
 ``round(s*H) x round(s*W)`` (bilinear), with ``flip`` its mirror image is added; the logits of
@@ -36,10 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from core.atomic import atomic_path
-from core.config import PredictSegConfig, load_params, to_dict
+from core.config import PredictSegConfig, load_params, result_params, stage_sections
+from core.timings import timings_path, write_timings
 
 IGNORE = 255
-_NOT_IN_FINGERPRINT = ("device", "threads", "report_images")
+_NOT_IN_FINGERPRINT = ("report_images",)  # besides the operational knobs: the masks do not depend on it
 
 
 class PredictSegError(ValueError):
@@ -163,7 +164,7 @@ def _usable_cores() -> int:
 
 
 def fingerprint(cfg: PredictSegConfig, segmenter_sha: str, ids: list[str], manifest: Path | None) -> str:
-    params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    params = {k: v for k, v in result_params(cfg).items() if k not in _NOT_IN_FINGERPRINT}
     h = hashlib.sha256(json.dumps({"predict_seg": params, "segmenter": segmenter_sha, "ids": ids},
                                   sort_keys=True).encode())
     if manifest is not None and manifest.is_file():
@@ -182,8 +183,9 @@ def _write_png_atomic(path: Path, mask: np.ndarray, palette: np.ndarray) -> None
 def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.json",
         segmenter: str | Path = "data/train_seg/segmenter.pt", out_dir: str | Path = "data/predict_seg",
         state_dir: str | Path = ".state/predict_seg", reader: SegImages | None = None,
-        progress: bool = True) -> dict:
-    """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json``."""
+        timings: str | Path | None = None, progress: bool = True) -> dict:
+    """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json`` and the
+    run-dependent figures written to ``timings`` (:mod:`core.timings`)."""
     from core.crf import CRF_PRESETS
     from core.pseudo_masks import voc_palette
     from models.deeplab import load_segmenter
@@ -237,12 +239,11 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
     for image_id in ids[:cfg.report_images]:
         rows.append((image_id, np.asarray(reader.load_image(image_id)), reader.load_mask(image_id),
                      preds.mask(image_id)))
-    result = {"split": cfg.split, "images": len(ids), "predicted_this_run": len(todo),
-              "seconds_this_run": seconds,
-              "sec_per_image": seconds / len(todo) if todo else None, "device": str(device),
-              "segmenter": str(segmenter), "segmenter_sha256": meta["sha256"],
+    timing = {"predicted_this_run": len(todo), "seconds_this_run": round(seconds, 3),
+              "sec_per_image": seconds / len(todo) if todo else None, "device": str(device)}
+    result = {"split": cfg.split, "images": len(ids), "segmenter": str(segmenter), "segmenter_sha256": meta["sha256"],
               "segmenter_mask_source": meta.get("mask_source"), "head": meta["head"],
-              "backbone": meta["backbone"], "predict_seg": to_dict(cfg), "fingerprint": fp}
+              "backbone": meta["backbone"], "predict_seg": result_params(cfg), "fingerprint": fp}
     with atomic_path(out_dir, is_dir=True) as tmp:
         if rows:
             from PIL import Image
@@ -250,21 +251,24 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
         (tmp / "meta.json").write_text(json.dumps(result, indent=1))
         shutil.move(str(partial), str(tmp / "masks"))  # a rename on one filesystem
     shutil.rmtree(state_dir / fp, ignore_errors=True)
-    return result
+    write_timings(timings, {"timing": timing})  # they vary run to run: never in data/predict_seg
+    return dict(result, timing=timing)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.predict_seg", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--timings", default=str(timings_path("predict_seg")),
+                    help="run-dependent figures (core.timings; not a DVC output)")
     ap.add_argument("--manifest", default="data/prepared/dataset.json")
     ap.add_argument("--segmenter", default="data/train_seg/segmenter.pt")
     ap.add_argument("--out", default="data/predict_seg")
     ap.add_argument("--state-dir", default=".state/predict_seg", help="partial predictions (resume)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("predict_seg"))
         result = run(params.predict_seg, manifest=args.manifest, segmenter=args.segmenter,
-                     out_dir=args.out, state_dir=args.state_dir)
+                     out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
         print(f"predict_seg: {result['images']} masks in {Path(args.out) / 'masks'}", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         print(f"predict_seg: error: {e}", file=sys.stderr)

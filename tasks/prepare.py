@@ -30,7 +30,7 @@ from PIL import Image
 
 from core import synthetic
 from core.atomic import atomic_path
-from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params
+from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params, stage_sections
 from core.datasets import IGNORE_INDEX, SegDataset, from_config, voc_colormap, write_manifest
 
 SPLITS = ("train", "val")
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("prepare"))
         metrics = run(params, args.out, args.metrics)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, DatasetError
         print(f"prepare: error: {e}", file=sys.stderr)

@@ -49,7 +49,7 @@ from PIL import Image, UnidentifiedImageError
 
 from core import isnet_model
 from core.atomic import write_text_atomic
-from core.config import ConfigError, SaliencyConfig, load_params
+from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
 from core.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.saliency_maps import (SaliencyMapError, map_histograms, read_map_u8, saliency_path,
                                 saliency_scores, write_map_atomic)
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.datasets import DatasetError, open_dataset
 
     try:
-        cfg = load_params(args.params).saliency
+        cfg = load_params(args.params, sections=stage_sections("saliency")).saliency
         dataset = open_dataset(args.manifest)
         run(cfg, dataset, args.out, args.metrics, progress=not args.no_progress)
     except (SaliencyError, ConfigError, DatasetError, SaliencyMapError) as e:

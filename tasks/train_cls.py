@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from core.atomic import atomic_path
 from core import training
-from core.config import TrainClsConfig, load_params, to_dict
+from core.config import TrainClsConfig, load_params, result_params, stage_sections
+from core.timings import timings_path, write_timings
 from core.training import (DistContext, ResumableBatchSampler, cpu_seconds, default_threads, files_fingerprint,
                            poly_lr, sample_rng, setup_distributed)
 from models.classifier import MapClassifier, build_classifier, save_classifier
@@ -57,8 +58,6 @@ from models.losses import classification_loss, image_logits, saliency_loss
 
 REPO = Path(__file__).resolve().parents[1]
 _STREAM = 0  # random-stream salt of this stage (core.training)
-# operational knobs: changing them does not change the trained weights, so a run may resume
-_NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
 CKPT_FORMAT = "eps-wsss-train-cls-ckpt/1"
 
 
@@ -258,7 +257,7 @@ def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Pa
 
 def run_fingerprint(cfg: TrainClsConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
-    params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    params = result_params(cfg)  # operational knobs (threads, logging, ...) let a run resume
     return training.run_fingerprint("train_cls", params, seed, world_size, data_fp, _code_fingerprint())
 
 
@@ -329,8 +328,9 @@ def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prep
         saliency_dir: str | Path = "data/saliency", out_dir: str | Path = "data/train_cls",
         state_dir: str | Path = ".state/train_cls", reader: LabelledImages | None = None,
         saliency_fn: SaliencyFn | None = None, on_iteration: Callable[[int], None] | None = None,
-        progress: bool = True) -> dict:
-    """Train the classifier; returns the summary written to ``<out_dir>/live/metrics.json``.
+        progress: bool = True, timings: str | Path | None = None) -> dict:
+    """Train the classifier; returns the summary: ``val`` is written to ``<out_dir>/live/metrics.json``,
+    ``perf`` (run-dependent) to ``timings`` (:mod:`core.timings`).
 
     ``reader`` (default: ``open_dataset(manifest)``) and ``saliency_fn(image_id, (h, w))``
     (default: ``load_saliency(saliency_dir, ...)``) can be injected. ``on_iteration(i)`` is called
@@ -344,7 +344,7 @@ def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prep
         # CPU kernels are deterministic; on CUDA a few are not and only warn
         torch.use_deterministic_algorithms(True, warn_only=True)
         return _train(cfg, seed, Path(manifest), Path(saliency_dir), Path(out_dir), Path(state_dir),
-                      reader, saliency_fn, on_iteration, progress, dctx)
+                      reader, saliency_fn, on_iteration, progress, dctx, timings)
     finally:
         torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before)
@@ -399,7 +399,7 @@ def _param_groups(model: MapClassifier, cfg: TrainClsConfig) -> list[dict]:
 
 
 def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, saliency_fn, on_iteration,
-           progress, dctx: DistContext) -> dict:
+           progress, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
         from core.datasets import open_dataset
@@ -610,10 +610,11 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
         meta = {"method": cfg.method, "backbone": cfg.backbone, "num_classes": num_classes,
                 "class_names": list(reader.class_names), "output_stride": model.output_stride,
                 "head_dropout": cfg.head_dropout, "seed": seed, "iterations": cfg.iterations,
-                "train_cls": to_dict(cfg), "val_mAP": val_map, "fingerprint": fingerprint}
+                "train_cls": result_params(cfg), "val_mAP": val_map, "fingerprint": fingerprint}
         save_classifier(out_dir / "classifier.pt", model, meta)
-        live.summary(summary)
+        live.summary({"val": summary["val"]})   # a DVC metric: results only, the perf figures go to timings
         live.end()
+        write_timings(timings, {"perf": summary["perf"]})
         shutil.rmtree(ckpt_path.parent, ignore_errors=True)
         spi = summary["perf"]["sec_per_iter"]
         print(f"train_cls: wrote {out_dir / 'classifier.pt'}: val mAP {val_map:.4f}"
@@ -634,11 +635,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--saliency-dir", default="data/saliency")
     ap.add_argument("--out", default="data/train_cls")
     ap.add_argument("--state-dir", default=".state/train_cls", help="resume checkpoints (outside DVC outputs)")
+    ap.add_argument("--timings", default=str(timings_path("train_cls")),
+                    help="run-dependent figures (core.timings; not a DVC output)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("train_cls"))
         run(params.train_cls, seed=params.seed, manifest=args.manifest, saliency_dir=args.saliency_dir,
-            out_dir=args.out, state_dir=args.state_dir)
+            out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainClsError, DatasetError, ...
         print(f"train_cls: error: {e}", file=sys.stderr)
         return 2

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from core import training
-from core.config import TrainSegConfig, load_params, to_dict
+from core.config import TrainSegConfig, load_params, result_params, stage_sections
+from core.timings import timings_path, write_timings
 from core.training import (DistContext, ResumableBatchSampler, default_threads, file_sha256, files_fingerprint,
                            poly_lr, sample_rng, setup_distributed)
 from models.deeplab import build_deeplab, save_segmenter
@@ -52,8 +53,6 @@ from models.deeplab import build_deeplab, save_segmenter
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = 255
 _STREAM = 10  # random-stream salt of this stage (core.training)
-# operational knobs: changing them does not change the trained weights, so a run may resume
-_NOT_IN_FINGERPRINT = ("threads", "workers", "checkpoint_every", "log_every", "eval_every", "device")
 CKPT_FORMAT = "eps-wsss-train-seg-ckpt/1"
 
 
@@ -241,7 +240,7 @@ def _code_fingerprint() -> str:
 
 def run_fingerprint(cfg: TrainSegConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
-    params = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    params = result_params(cfg)  # operational knobs (threads, logging, ...) let a run resume
     return training.run_fingerprint("train_seg", params, seed, world_size, data_fp, _code_fingerprint())
 
 
@@ -349,9 +348,9 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
         masks_path: str | Path = "data/pseudo_masks.h5", out_dir: str | Path = "data/train_seg",
         state_dir: str | Path = ".state/train_seg", metrics_path: str | Path | None = "data/metrics/train_seg.json",
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
-        progress: bool = True) -> dict:
-    """Train the segmenter; returns the summary written to ``<out_dir>/live/metrics.json``
-    (and to ``metrics_path``, the file the pipeline summary lists).
+        progress: bool = True, timings: str | Path | None = None) -> dict:
+    """Train the segmenter; returns the summary written to ``<out_dir>/live/metrics.json``; its results
+    go to ``metrics_path`` (a DVC metric), its ``perf`` figures to ``timings`` (:mod:`core.timings`).
 
     ``reader`` defaults to ``open_dataset(manifest)``. ``on_iteration(i)`` is called after
     iteration ``i`` (1-based) and its checkpoint, if any.
@@ -363,7 +362,8 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
         torch.set_num_threads(cfg.threads or default_threads(dctx.local_world_size))
         torch.use_deterministic_algorithms(True, warn_only=True)
         return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
-                      Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx)
+                      Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx,
+                      timings)
     finally:
         torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before)
@@ -373,7 +373,7 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
 
 def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
            state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
-           progress: bool, dctx: DistContext) -> dict:
+           progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
         from core.datasets import open_dataset
@@ -530,17 +530,19 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
                 "class_names": list(reader.class_names), "output_stride": model.output_stride,
                 "largefov_rate": cfg.largefov_rate, "largefov_channels": cfg.largefov_channels,
                 "dropout": cfg.dropout, "aspp_rates": list(cfg.aspp_rates),
-                "mask_source": cfg.mask_source, "seed": seed, "train_seg": to_dict(cfg),
-                "fingerprint": fingerprint, "train_seconds": total_time}
+                "mask_source": cfg.mask_source, "seed": seed, "train_seg": result_params(cfg),
+                "fingerprint": fingerprint}
         if cfg.mask_source == "pseudo":
             meta["pseudo_masks_sha256"] = file_sha256(masks_path)
         save_segmenter(out_dir / "segmenter.pt", model, meta)
-        live.end(summary)
+        live.end({k: v for k, v in summary.items() if k != "perf"})  # git-tracked: results only
         if metrics_path is not None:
             from core.atomic import write_text_atomic
             write_text_atomic(metrics_path, json.dumps(
                 {"mask_source": cfg.mask_source, "head": cfg.head, "backbone": cfg.backbone,
-                 "iterations": cfg.iterations, **summary}, indent=2) + "\n")
+                 "iterations": cfg.iterations, **{k: v for k, v in summary.items() if k != "perf"}},
+                indent=2) + "\n")
+        write_timings(timings, {"perf": summary["perf"]})
         shutil.rmtree(ckpt_path.parent, ignore_errors=True)
     if dctx.world_size > 1:
         dist.barrier()
@@ -558,11 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="data/train_seg")
     ap.add_argument("--state-dir", default=".state/train_seg", help="resume checkpoints (outside DVC outputs)")
     ap.add_argument("--metrics", default="data/metrics/train_seg.json", help="summary metrics ('' = none)")
+    ap.add_argument("--timings", default=str(timings_path("train_seg")),
+                    help="run-dependent figures (core.timings; not a DVC output)")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, sections=stage_sections("train_seg"))
         run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
-            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None)
+            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None,
+            timings=args.timings)
     except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainSegError, DatasetError, ...
         print(f"train_seg: error: {e}", file=sys.stderr)
         return 2

@@ -40,3 +40,34 @@ def test_outputs_get_umask_modes_not_owner_only(tmp_path):
     os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_temporaries_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+    final = tmp_path / "out.h5"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()           # a pid that no longer runs
+    stale_file = tmp_path / f".out.h5.tmp-{dead}-abc.h5"
+    stale_dir = tmp_path / f".out.h5.tmp-{dead}-xyz"
+    stale_file.write_text("half")
+    stale_dir.mkdir()
+    live = tmp_path / f".out.h5.tmp-{os.getpid()}-mine.h5"                # this process: never touched
+    live.write_text("mine")
+    other = tmp_path / ".other.h5.tmp-1-abc"                              # another output: not ours
+    other.write_text("x")
+    write_text_atomic(final, "done")
+    assert final.read_text() == "done"
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and other.exists()
+
+
+def test_torch_files_do_not_depend_on_the_temporary_name(tmp_path):
+    import torch
+
+    from core.atomic import save_torch_atomic
+    obj = {"w": torch.arange(6.0).reshape(2, 3), "meta": {"a": 1}}
+    save_torch_atomic(obj, tmp_path / "a" / "model.pt")
+    save_torch_atomic(obj, tmp_path / "b" / "model.pt")                  # another temp name each time
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a" / "model.pt", weights_only=True)["w"], obj["w"])

@@ -53,13 +53,17 @@ def test_metrics_are_collected_from_the_stage_outputs(tmp_path):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(json.dumps(obj))
 
-    put("data/train_cls/live/metrics.json", {"val": {"mAP": 0.9}, "perf": {"sec_per_iter": 0.5, "peak_rss_mb": 100}})
+    put("data/train_cls/live/metrics.json", {"val": {"mAP": 0.9}})
+    put("data/timings/train_cls.json", {"perf": {"sec_per_iter": 0.5, "peak_rss_mb": 100}})
     put("data/metrics/eval_pseudo.json", {"miou": 0.3, "boundary": {"f1": 0.2},
                                           "cooccurrence": {"mean_ratio": 1.5, "pairs": {"rail->train": {"ratio": 1.5}}},
                                           "threshold_sweep": {"oracle_threshold": 0.8, "oracle_miou": 0.35},
-                                          "timing": {"infer_images_per_s": 5.0, "export_images_per_s": 20.0}})
+                                          })
+    put("data/timings/infer_cam.json", {"timing": {"images_per_s": 5.0}})
+    put("data/timings/export_masks.json", {"timing": {"images_per_s": 20.0}})
     row = cv.collect(tmp_path)
     assert row["val_mAP"] == 0.9 and row["pseudo_miou"] == 0.3 and row["confusion"] == 1.5
+    assert row["s_per_iter"] == 0.5 and row["infer_img_s"] == 5.0 and row["export_img_s"] == 20.0
     assert (row["oracle_miou"], row["oracle_threshold"]) == (0.35, 0.8)
     assert cv.oracle_cell(row) == "0.350 @ 0.8" and cv.oracle_cell({"oracle_miou": None}) == "-"
     assert row["pairs"] == {"rail->train": 1.5}

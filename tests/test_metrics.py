@@ -186,7 +186,7 @@ class _Dataset:
 
 def _write_predictions(path, ds, predict):
     with PseudoMaskWriter(path, ds.class_names, {"method": "eps", "background": "threshold", "bg_threshold": 0.2,
-                                                  "crf": "none", "timing": json.dumps({"images_per_s": 5.0})}) as w:
+                                                  "crf": "none"}) as w:
         for i in ds.ids("train"):
             w.add(i, predict(i))
 
@@ -208,7 +208,7 @@ def test_evaluate_stage_perfect_and_leaky_predictions(tmp_path, workers):
     for f in ("per_class.csv", "confusion.csv", "cooccurrence.csv", "threshold_sweep.csv", "report.png"):
         assert (tmp_path / "eval" / f).is_file(), f
     assert "threshold_sweep" not in m          # no CAMs given: no sweep
-    assert m["timing"]["export_images_per_s"] == 5.0
+    assert "timing" not in m                   # timings live in the stages' own metrics files
 
     # a prediction that also paints the whole context as the class: ratio = context px / object px
     leaky = tmp_path / "leaky.h5"
@@ -254,6 +254,15 @@ def test_evaluate_threshold_sweep_from_cams_and_png_source(tmp_path):
     assert sweep["miou"][1] == pytest.approx(1.0)
     assert sweep["miou"][0] < 1.0 and sweep["miou"][2] < 1.0
     assert m["threshold_sweep"]["oracle_threshold"] == 0.45 and m["threshold_sweep"]["oracle_miou"] == 1.0
+    # m_kc along the sweep: at t=0.2 every context pixel that is not the object is taken for the class
+    ratios = []
+    for i in ds.ids("train"):
+        cls = int(ds.labels(i).argmax())
+        fp = np.sum((ds.ctx[i] == cls + 1) & (ds.masks[i] != cls + 1) & (ds.masks[i] != I))
+        ratios.append(fp / np.sum(ds.masks[i] == cls + 1))
+    assert sweep["mean_mkc"][0] == pytest.approx(np.mean(ratios), abs=1e-6) and sweep["mean_mkc"][1] == 0.0
+    assert m["threshold_sweep"]["oracle_mean_mkc"] == 0.0
+    assert m["threshold_sweep"]["oracle_pairs"] == {"rail->train": 0.0, "water->boat": 0.0}
 
 
 def test_evaluate_reports_missing_predictions(tmp_path):

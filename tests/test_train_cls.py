@@ -170,7 +170,8 @@ def test_tiny_training_writes_a_loadable_classifier(tmp_path, method):
     assert maps.shape == (1, 4 if method == "eps" else 3, 2, 2)
     metrics = json.loads((tmp_path / "out" / "live" / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["mAP"] <= 1.0 and metrics["val"]["mAP"] == summary["val"]["mAP"]
-    assert set(metrics["val"]["AP"]) == {"obj0", "obj1", "obj2"} and metrics["perf"]["sec_per_iter"] > 0
+    assert set(metrics["val"]["AP"]) == {"obj0", "obj1", "obj2"} and summary["perf"]["sec_per_iter"] > 0
+    assert "perf" not in metrics                      # a DVC metric: results only (timings: core.timings)
     plots = tmp_path / "out" / "live" / "plots" / "metrics" / "train"
     assert (plots / "loss.tsv").is_file() and (plots / "lr.tsv").is_file()
     assert (plots / "loss_sal.tsv").is_file() == (method == "eps")
@@ -221,6 +222,8 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     b = torch.load(tmp_path / "run" / "classifier.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the same bytes: a resumed run's output is what DVC would cache for an uninterrupted one
+    assert (tmp_path / "ref" / "classifier.pt").read_bytes() == (tmp_path / "run" / "classifier.pt").read_bytes()
     # the logged history is complete after the resume
     loss_rows = (tmp_path / "run" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in loss_rows[1:]] == [str(i) for i in range(1, 7)]
@@ -252,3 +255,25 @@ def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
     model, meta = load_classifier(tmp_path / "out" / "classifier.pt")
     assert meta["method"] == "eps"
     assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+
+
+def _logged(tmp_path, name):
+    rows = (tmp_path / "out" / "live" / "plots" / "metrics" / "train" / f"{name}.tsv").read_text().split()[2:]
+    return [float(v) for v in rows[1::2]]
+
+
+def test_selection_warmup_keeps_classes_out_of_the_background_trap(tmp_path):
+    # authors' empty-map rule: at initialisation no class map is confident, so every present class joins
+    # the background (share 0) -- unless the first iterations use the naive selection
+    _run(tmp_path / "trap", tiny_cfg(iterations=1, empty_maps="background"))
+    assert _logged(tmp_path / "trap", "fg_selected") == [0.0]
+    _run(tmp_path / "warm", tiny_cfg(iterations=3, checkpoint_every=10, empty_maps="background",
+                                     selection_warmup=2))
+    assert _logged(tmp_path / "warm", "fg_selected")[:2] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("over", [{"loss_stride": 4}, {"saliency_resize": "nearest"}])
+def test_loss_options_change_the_saliency_loss(tmp_path, over):
+    _run(tmp_path / "base", tiny_cfg(iterations=1))
+    _run(tmp_path / "alt", tiny_cfg(iterations=1, **over))
+    assert _logged(tmp_path / "alt", "loss_sal") != pytest.approx(_logged(tmp_path / "base", "loss_sal"), rel=1e-6)

@@ -311,7 +311,7 @@ def test_predictions_have_the_image_size_and_never_the_ignore_label(tmp_path):
     result = predict_seg.run(cfg, reader=reader, segmenter=tmp_path / "seg" / "segmenter.pt",
                              out_dir=tmp_path / "pred", state_dir=tmp_path / "pred_state",
                              manifest=tmp_path / "none.json", progress=False)
-    assert result["images"] == 3 and result["predicted_this_run"] == 3
+    assert result["images"] == 3 and result["timing"]["predicted_this_run"] == 3
     preds = PngMasks(tmp_path / "pred" / "masks")
     assert sorted(preds.ids) == sorted(reader.ids("val"))
     for image_id in preds.ids:
@@ -348,7 +348,7 @@ def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
     save_label_png(partial / f"{ids[0]}.png", np.zeros((32, 32), np.uint8), None)
     result = predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
                              state_dir=tmp_path / "pred_state", manifest=tmp_path / "none.json", progress=False)
-    assert result["predicted_this_run"] == 2 and len(PngMasks(tmp_path / "pred" / "masks")) == 3
+    assert result["timing"]["predicted_this_run"] == 2 and len(PngMasks(tmp_path / "pred" / "masks")) == 3
 
     other = make_dataset(tmp_path / "voc2", n_val=2)
     other.class_names = ["x", "y", "z"]
@@ -427,7 +427,37 @@ def test_whole_dag_in_a_repo_copy_then_a_train_seg_param_reruns_only_train_seg_o
     _, meta = load_segmenter(root / "data/train_seg/segmenter.pt")
     assert meta["mask_source"] == "pseudo" and meta["train_seg"]["iterations"] == 2
     train_metrics = json.loads((root / "data/metrics/train_seg.json").read_text())
-    assert train_metrics["perf"]["train_seconds"] > 0
+    assert "perf" not in train_metrics and json.loads((root / "data/timings/train_seg.json").read_text())[
+        "perf"]["train_seconds"] > 0
+    lock = (root / "dvc.lock").read_text()
+
+    def dvc(*args, check=True):
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=_env(), capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0 or not check, (proc.stdout + proc.stderr)[-4000:]
+        return proc
+
+    # byte-reproducible outputs: a forced retraining writes the same classifier, so nothing downstream reruns
+    dvc("repro", "-f", "--single-item", "train_cls")
+    again = dvc("repro").stdout
+    assert "Running stage" not in again, again[-3000:]
+    assert (root / "dvc.lock").read_text() == lock
+
+    # operational knobs are not deps; a typo anywhere stops `dvc repro` although every stage is cached
+    _set_params(root, {"train_cls": {"threads": 1, "log_every": 1}, "saliency": {"workers": 1},
+                       "infer_cam": {"batch_images": 3}, "evaluate": {"workers": 1}})
+    status = dvc("status", "--json").stdout
+    assert list(json.loads(status)) == ["check_params"], status   # only the 1-second validation of params.yaml
+    rerun = dvc("repro").stdout
+    assert "Running stage 'check_params'" in rerun and rerun.count("Running stage") == 1, rerun[-3000:]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    good = yaml.safe_dump(params, sort_keys=False)
+    params["train_seg"]["lrr"] = 0.1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    bad = dvc("repro", check=False)
+    assert bad.returncode != 0 and "train_seg.lrr" in bad.stdout + bad.stderr
+    assert "Running stage 'prepare'" not in bad.stdout
+    (root / "params.yaml").write_text(good)
 
     # one train_seg param changes: only train_seg and its descendants run again (through the flow)
     _set_params(root, {"train_seg": {"iterations": 3}})
@@ -436,9 +466,38 @@ def test_whole_dag_in_a_repo_copy_then_a_train_seg_param_reruns_only_train_seg_o
                           text=True, timeout=900)
     flow_seconds = time.perf_counter() - t0
     assert flow.returncode == 0, (flow.stdout + flow.stderr)[-4000:]
-    after = {"train_seg", "predict_seg", "evaluate_seg"}
+    after = {"check_params", "train_seg", "predict_seg", "evaluate_seg"}  # check_params: params.yaml changed
     for stage in plan:
         word = "ran" if stage in after else "skipped"
         assert re.search(rf"^{stage}: {word}\b", flow.stdout, re.M), (stage, flow.stdout[-3000:])
     assert load_segmenter(root / "data/train_seg/segmenter.pt")[1]["train_seg"]["iterations"] == 3
+    headline = json.loads((root / "data/metrics/headline.json").read_text())
+    assert headline["segmenter"]["val_miou"] == json.loads((root / "data/metrics/eval_seg.json").read_text())["miou"]
+
+    # experiments and revisions: metrics are git-tracked, outputs go to a local DVC remote
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "local", str(remote))
+    subprocess.run(git + ["add", "-A"], cwd=root, check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny run"], cwd=root, check=True)
+    dvc("push")
+    exp = dvc("exp", "run", "-n", "more-seg", "-S", "train_seg.iterations=4").stdout
+    assert "Running stage 'train_seg'" in exp and "Running stage 'train_cls'" not in exp
+    shown = json.loads(dvc("exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "more-seg" in text and "data/metrics/headline.json" in text and "val_miou" in text
+    diff = dvc("metrics", "diff", "HEAD").stdout
+    assert "headline.json" in diff or diff.strip() == "", diff
+    dvc("exp", "apply", "more-seg")
+    assert load_segmenter(root / "data/train_seg/segmenter.pt")[1]["train_seg"]["iterations"] == 4
+    # a fresh clone pulls every output from the remote instead of recomputing it
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
+    pulled = subprocess.run([sys.executable, "-m", "dvc", "pull"], cwd=clone, env=_env(), capture_output=True,
+                            text=True, timeout=900)
+    assert pulled.returncode == 0, (pulled.stdout + pulled.stderr)[-3000:]
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=clone, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert json.loads(status.stdout or "{}") == {}, status.stdout
+    assert (clone / "data/train_seg/segmenter.pt").is_file() and (clone / "data/pseudo_masks.h5").is_file()
     print(f"whole DAG: dvc repro {repro_seconds:.0f} s, flow rerun after a train_seg change {flow_seconds:.0f} s")
