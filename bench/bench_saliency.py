@@ -9,7 +9,7 @@ threads (the stage runs ``saliency.workers`` such processes side by side). Timin
 loading and the first image (warm-up). Both the wall-clock rate and the CPU seconds per image are
 printed, with the load average: on a shared machine the wall rate drops with the load, the CPU
 time much less. Quality is scored against the ground-truth foreground as the stage does
-(:func:`core.saliency_maps.saliency_scores`).
+(:func:`artifacts.saliency_maps.saliency_scores`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 
-from core import isnet_model  # noqa: E402
-from core.datasets import VOCDataset, open_dataset  # noqa: E402
-from core.saliency_maps import map_histograms, saliency_scores  # noqa: E402
+from assets import isnet_model  # noqa: E402
+from dataio.datasets import VOCDataset, open_dataset  # noqa: E402
+from artifacts.saliency_maps import map_histograms, saliency_scores  # noqa: E402
 from tasks.saliency import OnnxSaliency, OpenCVSaliency, onnx_providers  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--manifest", default="data/prepared/dataset.json", help="dataset manifest (default embedded)")
-    src.add_argument("--voc-real", action="store_true", help="the 4 real VOC photos (python -m core.voc_fixture)")
+    src.add_argument("--voc-real", action="store_true", help="the 4 real VOC photos (python tests/voc_fixture.py)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=40, help="images of the split (0 = all)")
     ap.add_argument("--isnet-sizes", type=int, nargs="*", default=[1024, 512, 320])
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.voc_real:
-        from core.voc_fixture import fetch_voc_fixture
+        from voc_fixture import fetch_voc_fixture
         dataset, label = VOCDataset(fetch_voc_fixture()), "voc_real (4 photos)"
     else:
         dataset, label = open_dataset(args.manifest), args.manifest

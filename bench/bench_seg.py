@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from core.config import EvaluateConfig
-    from core.datasets import open_dataset
+    from dataio.datasets import open_dataset
     from tasks import predict_seg, train_seg
     from tasks.evaluate import evaluate
 

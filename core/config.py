@@ -268,7 +268,7 @@ class PredictSegConfig:
     flip: bool = knob(True, doc="also average the horizontally flipped image")
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
-                           doc="CRF kernels (core/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
+                           doc="CRF kernels (method/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
     report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")

@@ -22,7 +22,7 @@ from pathlib import Path
 from core.config import STAGE_PARAMS, Params, is_operational
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "models", "tasks")
+PACKAGES = ("core", "dataio", "artifacts", "method", "assets", "models", "tasks")
 
 # stage -> its module (the params each stage reads: core.config.STAGE_PARAMS)
 STAGES: dict[str, str] = {

@@ -16,7 +16,7 @@ HDF5 file (default ``data/pseudo_masks.h5``) or a folder of VOC-style ``<id>.png
   ``export_masks.bg_threshold`` and the sweep never changes it (its best point uses the ground
   truth, so it is an oracle, reported as such).
 
-Metric definitions live in :mod:`core.metrics`.
+Metric definitions live in :mod:`method.metrics`.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig, load_params, stage_sections
-from core.metrics import (SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp,
+from method.metrics import (SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp,
                           scores_from_confusion)
-from core.pseudo_masks import (CamRecord, PseudoMaskError, PseudoMasks, cam_path, open_predictions,
+from artifacts.pseudo_masks import (CamRecord, PseudoMaskError, PseudoMasks, cam_path, open_predictions,
                                read_cam_file, voc_palette)
 
 
@@ -147,7 +147,7 @@ def _load_saliency(saliency_dir: str | None, image_id: str, hw: tuple[int, int])
     if not saliency_dir:
         return None
     try:
-        from core.saliency_maps import load_saliency
+        from artifacts.saliency_maps import load_saliency
         return load_saliency(saliency_dir, image_id, expected_hw=hw)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"evaluate: report shows no saliency for {image_id}: {e}", file=sys.stderr)
@@ -415,7 +415,7 @@ def run(cfg: EvaluateConfig, *, predictions: str | Path = "data/pseudo_masks.h5"
         plots_path: str | Path | None = "data/plots/eval_pseudo_threshold_sweep.csv",
         splits: Sequence[str] | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and the predictions, evaluate, write the outputs."""
-    from core.datasets import open_dataset
+    from dataio.datasets import open_dataset
 
     dataset = open_dataset(manifest)
     return evaluate(cfg, dataset, predictions, out_dir=out_dir, metrics_path=metrics_path, plots_path=plots_path,

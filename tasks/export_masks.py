@@ -2,14 +2,14 @@
 
 ``python -m tasks.export_masks`` reads ``data/cams/`` (``infer_cam``) and, for the CRF, the
 images of ``data/prepared/dataset.json``, and writes ONE HDF5 file ``data/pseudo_masks.h5``
-(layout in :mod:`core.pseudo_masks`; read it with :class:`core.pseudo_masks.PseudoMasks` or
-plain h5py, export VOC PNGs with ``python -m core.pseudo_masks png``).
+(layout in :mod:`artifacts.pseudo_masks`; read it with :class:`artifacts.pseudo_masks.PseudoMasks` or
+plain h5py, export VOC PNGs with ``python -m artifacts.pseudo_masks png``).
 
 Per image: scores ``[background, CAM of each present class]`` where the background score is
 the constant ``bg_threshold`` (authors' ``--thr 0.20``), the eps model's background
 probability (``background: bgmap``) or one minus the image's saliency map (``background:
 saliency``, from ``data/saliency/``); the mask is their argmax (ties -> background), or the
-argmax of the CRF posterior started from them (:mod:`core.crf`). Images are processed by
+argmax of the CRF posterior started from them (:mod:`method.crf`). Images are processed by
 ``workers`` processes; the main process writes the file to a temporary name and renames it
 when complete, so a killed export leaves nothing at the final path.
 """
@@ -30,8 +30,8 @@ import numpy as np
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
-from core.crf import CRF_PRESETS, CrfParams, crf_argmax
-from core.pseudo_masks import (PseudoMaskError, PseudoMaskWriter, argmax_mask, cam_path, mask_scores,
+from method.crf import CRF_PRESETS, CrfParams, crf_argmax
+from artifacts.pseudo_masks import (PseudoMaskError, PseudoMaskWriter, argmax_mask, cam_path, mask_scores,
                                read_cam_file, read_cams_meta)
 
 
@@ -76,7 +76,7 @@ def _init_worker(cfg: ExportMasksConfig, cams_dir: str, dataset: Any, manifest: 
 
 def _dataset():
     if _WORKER.get("dataset") is None and _WORKER.get("manifest"):
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         _WORKER["dataset"] = open_dataset(_WORKER["manifest"])
     return _WORKER.get("dataset")
 
@@ -90,7 +90,7 @@ def _process(image_id: str) -> tuple:
         image = _dataset().load_image(image_id)
     saliency = None
     if cfg.background == "saliency":
-        from core.saliency_maps import load_saliency
+        from artifacts.saliency_maps import load_saliency
         saliency = load_saliency(_WORKER["saliency_dir"], image_id, tuple(rec.size))
     try:
         mask = make_mask(rec, cfg, image, saliency)
@@ -135,7 +135,7 @@ def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
         raise ExportMasksError(f"{len(missing)} CAM file(s) listed in {cams_dir}/meta.json are missing, e.g. "
                                f"{cam_path(cams_dir, missing[0])}; rerun infer_cam")
     if cfg.background == "saliency":
-        from core.saliency_maps import saliency_path
+        from artifacts.saliency_maps import saliency_path
         if saliency_dir is None or not Path(saliency_dir).is_dir():
             raise ExportMasksError(f"params key 'export_masks.background' is saliency but the saliency folder "
                                    f"{saliency_dir} does not exist; run the saliency stage first")
@@ -238,7 +238,7 @@ def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = "data/cams",
     """The stage: check the inputs, then write ``out_path`` (timings to ``timings``: :mod:`core.timings`)."""
     dataset = None
     if cfg.crf:
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         dataset = open_dataset(manifest)
     attrs = export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir,
                    progress=progress)

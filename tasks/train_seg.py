@@ -61,7 +61,7 @@ class TrainSegError(ValueError):
 
 
 class SegImages(Protocol):
-    """The part of ``core.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
+    """The part of ``dataio.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
 
     class_names: list[str]
     num_classes: int
@@ -91,7 +91,7 @@ class MaskSource:
 
     def _file(self):
         if self._h5 is None or self._pid != os.getpid():
-            from core.pseudo_masks import PseudoMasks
+            from artifacts.pseudo_masks import PseudoMasks
             self._h5, self._pid = PseudoMasks(self.h5_path), os.getpid()
         return self._h5
 
@@ -213,7 +213,7 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def quick_val_miou(model: torch.nn.Module, reader: SegImages, ids: list[str], device: torch.device,
                    num_classes: int) -> float:
     """Single-scale val mIoU (no flip, no CRF) for the training curves; predict_seg does the rest."""
-    from core.metrics import confusion_matrix, scores_from_confusion
+    from method.metrics import confusion_matrix, scores_from_confusion
 
     was_training = model.training
     model.eval()
@@ -301,7 +301,7 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
         h.update(Path(manifest).read_bytes())
     masks = MaskSource(cfg.mask_source, reader, masks_path)
     if cfg.mask_source == "pseudo":
-        from core.pseudo_masks import PseudoMasks
+        from artifacts.pseudo_masks import PseudoMasks
         with PseudoMasks(masks_path) as pm:
             if pm.class_names[1:] != names:
                 raise TrainSegError(f"{masks_path} was exported for classes {pm.class_names[1:]}, the dataset "
@@ -376,7 +376,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
            progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
-        from core.datasets import open_dataset
+        from dataio.datasets import open_dataset
         reader = open_dataset(manifest)
     train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and is_main)
     num_classes = reader.num_classes

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.datasets import save_mask_png
+from dataio.datasets import save_mask_png
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLASSES = ("cat", "dog", "boat")
@@ -64,8 +64,8 @@ def tiny_voc(make_voc) -> Path:
 
 @pytest.fixture(scope="session")
 def voc_real() -> Path:
-    """The 4 real PASCAL VOC photos with masks (``core.voc_fixture``), fetched once into .state/."""
-    from core.voc_fixture import RegistryUnreachable, fetch_voc_fixture
+    """The 4 real PASCAL VOC photos with masks (``voc_fixture``), fetched once into .state/."""
+    from voc_fixture import RegistryUnreachable, fetch_voc_fixture
 
     try:
         return fetch_voc_fixture()

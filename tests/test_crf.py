@@ -1,4 +1,4 @@
-"""Dense CRF (core.crf): it pulls a blurred mask back onto the image edges."""
+"""Dense CRF (method.crf): it pulls a blurred mask back onto the image edges."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.crf import CRF_PRESETS, CrfParams, crf_argmax, crf_posterior
-from core.metrics import boundary_counts, boundary_scores, confusion_matrix, scores_from_confusion
+from method.crf import CRF_PRESETS, CrfParams, crf_argmax, crf_posterior
+from method.metrics import boundary_counts, boundary_scores, confusion_matrix, scores_from_confusion
 
 
 def _scene(seed=0):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from core.config import DatasetConfig
-from core.datasets import (VOC_CLASSES, COCODataset, DatasetError, VOCDataset, from_config, open_dataset,
+from dataio.datasets import (VOC_CLASSES, COCODataset, DatasetError, VOCDataset, from_config, open_dataset,
                            read_mask_file, save_mask_png, write_manifest)
 
 TINY_CLASSES = ("cat", "dog", "boat")   # as written by the tiny_voc fixture (conftest.py)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import ExportMasksConfig, InferCamConfig
-from core.pseudo_masks import argmax_mask, mask_scores, read_cam_file
+from artifacts.pseudo_masks import argmax_mask, mask_scores, read_cam_file
 from tasks.infer_cam import (InferCamError, infer_dataset, infer_images, resolve_activation, scaled_size,
                              split_maps)
 
@@ -158,7 +158,7 @@ def test_batching_and_memory_bound_do_not_change_results():
 
 
 class _Images:
-    """The slice of core.datasets.SegDataset that inference reads."""
+    """The slice of dataio.datasets.SegDataset that inference reads."""
 
     def __init__(self, n=5):
         rng = np.random.default_rng(3)
@@ -236,7 +236,7 @@ def test_stage_rejects_mismatched_classifier(tmp_path):
 def test_run_with_a_saved_classifier(tmp_path, tiny_voc):
     """The stage entry point on a real VOC-layout folder and a classifier file (CONTRACT.md)."""
     pytest.importorskip("models.classifier")
-    from core.datasets import VOCDataset, write_manifest
+    from dataio.datasets import VOCDataset, write_manifest
     from models.classifier import build_classifier, save_classifier
     from tasks.export_masks import export
     from tasks.infer_cam import run

@@ -1,4 +1,4 @@
-"""Metrics on hand-computed cases (core.metrics) and the evaluate stage end to end."""
+"""Metrics on hand-computed cases (method.metrics) and the evaluate stage end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from core.config import EvaluateConfig
-from core.metrics import (SegEvaluator, boundary_counts, boundary_edges, boundary_scores, confusion_matrix,
+from method.metrics import (SegEvaluator, boundary_counts, boundary_edges, boundary_scores, confusion_matrix,
                           cooccurrence_fp, fill_ignore, scores_from_confusion)
-from core.pseudo_masks import CamRecord, PseudoMaskWriter, write_cam_file
+from artifacts.pseudo_masks import CamRecord, PseudoMaskWriter, write_cam_file
 
 I = 255  # ignore
 
@@ -142,7 +142,7 @@ def test_evaluator_accumulates_like_one_big_image():
 
 
 class _Dataset:
-    """A tiny dataset with contexts (the interface of core.datasets.SegDataset)."""
+    """A tiny dataset with contexts (the interface of dataio.datasets.SegDataset)."""
 
     def __init__(self, n=4, size=(20, 24)):
         self.class_names = ["train", "boat"]
@@ -227,7 +227,7 @@ def test_evaluate_stage_perfect_and_leaky_predictions(tmp_path, workers):
 
 
 def test_evaluate_threshold_sweep_from_cams_and_png_source(tmp_path):
-    from core.pseudo_masks import export_png
+    from artifacts.pseudo_masks import export_png
     from tasks.evaluate import evaluate
 
     ds = _Dataset(n=2)

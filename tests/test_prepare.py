@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from core import synthetic
+from dataio import synthetic
 from core.config import ConfigError, Params, build
-from core.datasets import DatasetError, open_dataset
+from dataio.datasets import DatasetError, open_dataset
 from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]

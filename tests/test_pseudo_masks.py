@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from core.config import ExportMasksConfig
-from core.pseudo_masks import (FORMAT, CamRecord, PngMasks, PseudoMaskError, PseudoMasks, PseudoMaskWriter,
+from artifacts.pseudo_masks import (FORMAT, CamRecord, PngMasks, PseudoMaskError, PseudoMasks, PseudoMaskWriter,
                                export_png, main as pm_main, voc_palette, write_cam_file)
 from tasks.export_masks import ExportMasksError, export
 
@@ -119,7 +119,7 @@ def test_export_masks_matches_argmax_and_workers_agree(tmp_path):
     assert a["timing"]["images"] == len(ids)
     with PseudoMasks(tmp_path / "one.h5") as p1:
         assert "timing" not in p1.attrs and "created" not in p1.attrs   # nothing run-dependent in the file
-    from core.pseudo_masks import read_cam_file
+    from artifacts.pseudo_masks import read_cam_file
     with PseudoMasks(tmp_path / "one.h5") as p1, PseudoMasks(tmp_path / "two.h5") as p2:
         assert p1.ids == p2.ids == ids and p1.class_names == ["background", "a", "b", "c"]
         for i in ids:
@@ -231,7 +231,7 @@ def test_export_with_crf_and_size_check(tmp_path):
 
 
 def test_saliency_background_by_hand():
-    from core.pseudo_masks import argmax_mask, mask_scores
+    from artifacts.pseudo_masks import argmax_mask, mask_scores
     # two present classes (0 and 2) on a 1x4 strip; saliency decides where the background ends
     cams = np.array([[[0.9, 0.9, 0.2, 0.1]], [[0.1, 0.3, 0.6, 0.05]]], np.float32)
     rec = CamRecord(cams, np.array([0, 2]), None, (1, 4))
@@ -245,8 +245,8 @@ def test_saliency_background_by_hand():
 
 
 def test_export_with_saliency_background(tmp_path):
-    from core.pseudo_masks import read_cam_file
-    from core.saliency_maps import load_saliency, write_map_atomic
+    from artifacts.pseudo_masks import read_cam_file
+    from artifacts.saliency_maps import load_saliency, write_map_atomic
     cams, ids = _cams_dir(tmp_path, method="cam")
     sal_dir = tmp_path / "saliency"
     rng = np.random.default_rng(1)

@@ -20,11 +20,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from core import isnet_model
+from assets import isnet_model
 from core.config import SaliencyConfig, build
-from core.datasets import VOCDataset, write_manifest
-from core.onnx_graph import input_output_shapes, specialise_input_size
-from core.saliency_maps import (SaliencyMapError, load_saliency, map_histograms, saliency_path,
+from dataio.datasets import VOCDataset, write_manifest
+from assets.onnx_graph import input_output_shapes, specialise_input_size
+from artifacts.saliency_maps import (SaliencyMapError, load_saliency, map_histograms, saliency_path,
                                 saliency_scores)
 from tasks import saliency as stage
 
@@ -159,7 +159,7 @@ def test_bad_onnx_model_is_named(tmp_path, voc_real):
 
 def test_model_that_cannot_take_the_input_size_is_explained(tmp_path, isnet_small, voc_real):
     """A baked Resize size that is not the input side / 2**k: the error says to use the exported size."""
-    from core.onnx_graph import parse_message, serialise_message
+    from assets.onnx_graph import parse_message, serialise_message
 
     model = parse_message(isnet_small.read_bytes())
     graph = parse_message(next(v for n, _, v in model if n == 7))

@@ -42,9 +42,9 @@ def test_operational_knobs_are_not_deps_and_method_knobs_are():
 
 
 def test_import_closure_follows_lazy_imports():
-    # evaluate imports core.saliency_maps inside a function; predict_seg reads pseudo-mask PNGs
-    assert "core/saliency_maps.py" in code_deps("evaluate")
-    assert "core/pseudo_masks.py" in code_deps("predict_seg")
+    # evaluate imports artifacts.saliency_maps inside a function; predict_seg reads pseudo-mask PNGs
+    assert "artifacts/saliency_maps.py" in code_deps("evaluate")
+    assert "artifacts/pseudo_masks.py" in code_deps("predict_seg")
     assert all("core/config.py" in code_deps(s) for s in STAGES if s != "headline")  # headline reads no params
 
 

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeReader:
-    """In-memory stand-in for core.datasets.SegDataset: coloured squares on class-specific context
+    """In-memory stand-in for dataio.datasets.SegDataset: coloured squares on class-specific context
     stripes (co-occurrence), saliency = the squares."""
 
     def __init__(self, num_train=12, num_val=6, size=40, num_classes=3, seed=0):

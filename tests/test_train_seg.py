@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from conftest import write_voc_dataset
 from core.config import PredictSegConfig, TrainSegConfig, build
-from core.datasets import VOCDataset
-from core.pseudo_masks import PngMasks, PseudoMaskWriter
+from dataio.datasets import VOCDataset
+from artifacts.pseudo_masks import PngMasks, PseudoMaskWriter
 from models.deeplab import load_segmenter
 from tasks import predict_seg, train_seg
 from tasks.train_seg import (IGNORE, MaskSource, ResumableBatchSampler, SegTrainSamples, TrainSegError,
@@ -206,7 +206,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_train_seg import resume_cfg
-from core.datasets import VOCDataset
+from dataio.datasets import VOCDataset
 from tasks.train_seg import run
 root = Path({root!r})
 reader = VOCDataset(root, labels=root / "cls_labels.npy")
@@ -261,7 +261,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_train_seg import tiny_cfg
-from core.datasets import VOCDataset
+from dataio.datasets import VOCDataset
 from tasks.train_seg import run
 root = Path({root!r})
 summary = run(tiny_cfg(iterations=2), seed=3, reader=VOCDataset(root, labels=root / "cls_labels.npy"),
@@ -344,7 +344,7 @@ def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
     fp = predict_seg.fingerprint(cfg, meta["sha256"], ids, tmp_path / "none.json")
     partial = tmp_path / "pred_state" / fp / "masks"
     partial.mkdir(parents=True)
-    from core.pseudo_masks import save_label_png
+    from artifacts.pseudo_masks import save_label_png
     save_label_png(partial / f"{ids[0]}.png", np.zeros((32, 32), np.uint8), None)
     result = predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
                              state_dir=tmp_path / "pred_state", manifest=tmp_path / "none.json", progress=False)

@@ -45,7 +45,7 @@ def test_saliency_background_oracle_by_hand():
 
 @pytest.fixture
 def tiny_prepared(tmp_path, make_voc):
-    from core.datasets import VOCDataset, write_manifest
+    from dataio.datasets import VOCDataset, write_manifest
     root = make_voc(size=(32, 48))
     ds = VOCDataset(root)
     manifest = tmp_path / "dataset.json"

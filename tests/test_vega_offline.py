@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core import vega_offline
-from core.vega_offline import LIBRARIES, VegaFetchError
+from assets import vega_offline
+from assets.vega_offline import LIBRARIES, VegaFetchError
 
 REPO = Path(__file__).resolve().parents[1]
 

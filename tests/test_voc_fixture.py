@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core import voc_fixture
-from core.datasets import VOC_CLASSES, VOCDataset, read_mask_file
+import voc_fixture
+from dataio.datasets import VOC_CLASSES, VOCDataset, read_mask_file
 
 
 def test_labelme_names_map_to_voc_indices():

