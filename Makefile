@@ -49,6 +49,7 @@ ui: install
 	$(BIN)/prefect server start --host 127.0.0.1
 
 test: assets
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 clean-state:

@@ -30,8 +30,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.atomic import atomic_path, locked
 from assets.npm_pack import NpmPackError, npm_pack, tarball_name
+from core.atomic import atomic_path, locked
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"

@@ -19,8 +19,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.atomic import locked, write_text_atomic
 from assets.npm_pack import NpmPackError, npm_pack
+from core.atomic import locked, write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from artifacts.pseudo_masks import mask_scores  # noqa: E402
 from core.config import InferCamConfig  # noqa: E402
 from method.crf import CRF_PRESETS, crf_argmax  # noqa: E402
-from artifacts.pseudo_masks import mask_scores  # noqa: E402
 from tasks.infer_cam import infer_images, select_device  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def _peak_rss_mib() -> float:
 
 def _inputs(args) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     if args.manifest:
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         ds = open_dataset(args.manifest)
         ids = ds.ids(args.split)[:args.images]
         return [ds.load_image(i) for i in ids], [ds.labels(i) for i in ids], list(ds.class_names)

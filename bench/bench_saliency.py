@@ -26,9 +26,10 @@ sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 
-from assets import isnet_model  # noqa: E402
-from dataio.datasets import VOCDataset, open_dataset  # noqa: E402
 from artifacts.saliency_maps import map_histograms, saliency_scores  # noqa: E402
+from assets import isnet_model  # noqa: E402
+from dataio.manifest import open_dataset  # noqa: E402
+from dataio.voc import VOCDataset  # noqa: E402
 from tasks.saliency import OnnxSaliency, OpenCVSaliency, onnx_providers  # noqa: E402
 
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from core.config import EvaluateConfig
-    from dataio.datasets import open_dataset
+    from dataio.manifest import open_dataset
     from tasks import predict_seg, train_seg
     from tasks.evaluate import evaluate
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                 masks_path=path if path else Path("unused.h5"), out_dir=work / "train",
                                 state_dir=work / "state", metrics_path=None, reader=dataset)
         t1 = time.perf_counter()
-        pred = predict_seg.run(params.predict_seg, manifest=args.manifest, segmenter=work / "train" / "segmenter.pt",
+        predict_seg.run(params.predict_seg, manifest=args.manifest, segmenter=work / "train" / "segmenter.pt",
                                out_dir=work / "pred", state_dir=work / "pred_state", reader=dataset)
         t2 = time.perf_counter()
         metrics = evaluate(ecfg, dataset, work / "pred" / "masks", out_dir=work / "eval",

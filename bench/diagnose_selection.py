@@ -24,8 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dataio.datasets import open_dataset  # noqa: E402
 from artifacts.saliency_maps import load_saliency  # noqa: E402
+from dataio.manifest import open_dataset  # noqa: E402
 from models.classifier import load_classifier  # noqa: E402
 from models.losses import overlap_ratio, resize_saliency  # noqa: E402
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.config import load_params  # noqa: E402
-from dataio.datasets import open_dataset  # noqa: E402
-from method.metrics import SegEvaluator  # noqa: E402
 from artifacts.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
+from core.config import load_params  # noqa: E402
+from dataio.manifest import open_dataset  # noqa: E402
+from method.metrics import SegEvaluator  # noqa: E402
 
 
 def resolution_oracle(gt: np.ndarray, num_labels: int, scales: list[float], stride: int) -> np.ndarray:

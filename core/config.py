@@ -180,7 +180,8 @@ class TrainClsConfig:
     workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process", operational=True)
     checkpoint_every: int = knob(50, range=(1, None), doc="iterations between resume checkpoints", operational=True)
     log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages", operational=True)
-    eval_every: int = knob(0, range=(0, None), doc="iterations between val mAP evaluations; 0 = at the end only", operational=True)
+    eval_every: int = knob(0, range=(0, None), operational=True,
+                           doc="iterations between val mAP evaluations; 0 = at the end only")
 
     def check(self, prefix: str) -> None:
         lo_hi = self.resize_long
@@ -290,7 +291,8 @@ class InferCamConfig:
                                      "models, softmax over the C+1 maps for eps models")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores", operational=True)
-    batch_images: int = knob(8, range=(1, 4096), doc="images read and inferred together (equal-size views share a batch)", operational=True)
+    batch_images: int = knob(8, range=(1, 4096), operational=True,
+                             doc="images read and inferred together (equal-size views share a batch)")
     max_batch_pixels: int = knob(262_144, range=(1024, None),
                                  doc="most input pixels in one forward pass (bounds memory on large images); "
                                      "CPU is fastest near 512x512, raise it on a GPU", operational=True)

@@ -1,1 +1,1 @@
-"""Datasets: file readers and label formats, the dataset interface and its validation, the VOC and COCO layouts, the manifest, the synthetic generator."""
+"""Datasets: file readers, label formats, the dataset interface and its validation, VOC and COCO, the manifest, the generator."""

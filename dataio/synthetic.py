@@ -50,7 +50,6 @@ import functools
 import json
 import math
 import multiprocessing
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -771,7 +770,7 @@ def measure_objects(mask: np.ndarray, context: np.ndarray, context_class: dict[i
 
 @functools.lru_cache(maxsize=1)
 def _voc_palette() -> tuple[int, ...]:
-    from dataio.datasets import voc_colormap    # one VOC palette everywhere
+    from dataio.label_png import voc_colormap  # one VOC palette everywhere
 
     return tuple(voc_colormap().reshape(-1).tolist())
 

@@ -24,14 +24,14 @@ import logging
 import sys
 from pathlib import Path
 
-# `flows/__init__.py` (imported first, as this module's package) sets the offline Prefect defaults.
-from flows import PROJECT_ROOT
-from flows.dvc_stages import (PipelineError, StageFailedError, StageResult, plan_stages,
-                              read_metrics, run_stage)
-from flows.report import summary_markdown
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+
+# `flows/__init__.py` (imported first, as this module's package) sets the offline Prefect defaults.
+from flows import PROJECT_ROOT
+from flows.dvc_stages import PipelineError, StageFailedError, StageResult, plan_stages, read_metrics, run_stage
+from flows.report import summary_markdown
 
 ARTIFACT_KEY = "dvc-pipeline-summary"
 

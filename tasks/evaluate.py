@@ -31,12 +31,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from artifacts.pseudo_masks import (
+    CamRecord,
+    PseudoMaskError,
+    PseudoMasks,
+    cam_path,
+    open_predictions,
+    read_cam_file,
+    voc_palette,
+)
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig, load_params, stage_sections
-from method.metrics import (SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp,
-                          scores_from_confusion)
-from artifacts.pseudo_masks import (CamRecord, PseudoMaskError, PseudoMasks, cam_path, open_predictions,
-                               read_cam_file, voc_palette)
+from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
 
 
 class EvaluateError(ValueError):
@@ -415,7 +421,7 @@ def run(cfg: EvaluateConfig, *, predictions: str | Path = "data/pseudo_masks.h5"
         plots_path: str | Path | None = "data/plots/eval_pseudo_threshold_sweep.csv",
         splits: Sequence[str] | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and the predictions, evaluate, write the outputs."""
-    from dataio.datasets import open_dataset
+    from dataio.manifest import open_dataset
 
     dataset = open_dataset(manifest)
     return evaluate(cfg, dataset, predictions, out_dir=out_dir, metrics_path=metrics_path, plots_path=plots_path,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing as mp
 import sys
 import time
@@ -27,12 +26,19 @@ from typing import Any
 
 import numpy as np
 
+from artifacts.pseudo_masks import (
+    PseudoMaskError,
+    PseudoMaskWriter,
+    argmax_mask,
+    cam_path,
+    mask_scores,
+    read_cam_file,
+    read_cams_meta,
+)
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
-from artifacts.pseudo_masks import (PseudoMaskError, PseudoMaskWriter, argmax_mask, cam_path, mask_scores,
-                               read_cam_file, read_cams_meta)
 
 
 class ExportMasksError(ValueError):
@@ -76,7 +82,7 @@ def _init_worker(cfg: ExportMasksConfig, cams_dir: str, dataset: Any, manifest: 
 
 def _dataset():
     if _WORKER.get("dataset") is None and _WORKER.get("manifest"):
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         _WORKER["dataset"] = open_dataset(_WORKER["manifest"])
     return _WORKER.get("dataset")
 
@@ -238,7 +244,7 @@ def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = "data/cams",
     """The stage: check the inputs, then write ``out_path`` (timings to ``timings``: :mod:`core.timings`)."""
     dataset = None
     if cfg.crf:
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         dataset = open_dataset(manifest)
     attrs = export(cfg, cams_dir, out_path, dataset=dataset, manifest=manifest, saliency_dir=saliency_dir,
                    progress=progress)

@@ -51,9 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from artifacts.pseudo_masks import CamRecord, cam_path, write_cam_file
 from core.config import InferCamConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
-from artifacts.pseudo_masks import CamRecord, cam_path, write_cam_file
 
 FORMAT_VERSION = 1
 EPS_NORM = 1e-5
@@ -404,7 +404,7 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.js
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and classifier, check them, infer, write ``out_dir`` (and the
     run-dependent figures to ``timings``, :mod:`core.timings`)."""
-    from dataio.datasets import open_dataset
+    from dataio.manifest import open_dataset
     from models.classifier import load_classifier
 
     dataset = open_dataset(manifest)

@@ -186,14 +186,14 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json`` and the
     run-dependent figures written to ``timings`` (:mod:`core.timings`)."""
-    from method.crf import CRF_PRESETS
     from artifacts.pseudo_masks import voc_palette
+    from method.crf import CRF_PRESETS
     from models.deeplab import load_segmenter
 
     manifest, out_dir, state_dir = Path(manifest), Path(out_dir), Path(state_dir)
     device = select_device(cfg.device)
     if reader is None:
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
     model, meta = load_segmenter(segmenter, map_location=device)
     if list(meta["class_names"]) != list(reader.class_names):

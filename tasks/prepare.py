@@ -28,10 +28,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dataio import synthetic
 from core.atomic import atomic_path
 from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params, stage_sections
-from dataio.datasets import IGNORE_INDEX, SegDataset, from_config, voc_colormap, write_manifest
+from dataio import synthetic
+from dataio.dataset import SegDataset
+from dataio.files import IGNORE_INDEX
+from dataio.label_png import voc_colormap
+from dataio.manifest import from_config, write_manifest
 
 SPLITS = ("train", "val")
 PREVIEW_TILE = 256          # preview tile side in pixels (128-px images shown at 2x)

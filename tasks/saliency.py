@@ -47,12 +47,18 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from artifacts.saliency_maps import (
+    SaliencyMapError,
+    map_histograms,
+    read_map_u8,
+    saliency_path,
+    saliency_scores,
+    write_map_atomic,
+)
 from assets import isnet_model
+from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.atomic import write_text_atomic
 from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
-from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
-from artifacts.saliency_maps import (SaliencyMapError, map_histograms, read_map_u8, saliency_path,
-                                saliency_scores, write_map_atomic)
 
 FINGERPRINT_FILE = ".fingerprint.json"
 FINGERPRINT_FORMAT = 1
@@ -592,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics", default="data/metrics/saliency.json")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from dataio.datasets import DatasetError, open_dataset
+    from dataio.files import DatasetError
+    from dataio.manifest import open_dataset
 
     try:
         cfg = load_params(args.params, sections=stage_sections("saliency")).saliency

@@ -47,12 +47,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from core.atomic import atomic_path
 from core import training
+from core.atomic import atomic_path
 from core.config import TrainClsConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
-from core.training import (DistContext, ResumableBatchSampler, cpu_seconds, default_threads, files_fingerprint,
-                           poly_lr, sample_rng, setup_distributed)
+from core.training import (
+    DistContext,
+    ResumableBatchSampler,
+    cpu_seconds,
+    default_threads,
+    files_fingerprint,
+    poly_lr,
+    sample_rng,
+    setup_distributed,
+)
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
 
@@ -402,7 +410,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
            progress, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
     custom_saliency = saliency_fn is not None
     train_ids, val_ids, predefined = _check_inputs(cfg, reader, saliency_dir, custom_saliency)

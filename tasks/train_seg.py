@@ -46,8 +46,16 @@ from torch.utils.data import DataLoader, Dataset
 from core import training
 from core.config import TrainSegConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
-from core.training import (DistContext, ResumableBatchSampler, default_threads, file_sha256, files_fingerprint,
-                           poly_lr, sample_rng, setup_distributed)
+from core.training import (
+    DistContext,
+    ResumableBatchSampler,
+    default_threads,
+    file_sha256,
+    files_fingerprint,
+    poly_lr,
+    sample_rng,
+    setup_distributed,
+)
 from models.deeplab import build_deeplab, save_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,7 +384,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
            progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
     is_main = dctx.rank == 0
     if reader is None:
-        from dataio.datasets import open_dataset
+        from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
     train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and is_main)
     num_classes = reader.num_classes

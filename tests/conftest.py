@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataio.datasets import save_mask_png
+from dataio.label_png import save_mask_png
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLASSES = ("cat", "dog", "boat")

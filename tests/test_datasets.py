@@ -11,8 +11,11 @@ import pytest
 from PIL import Image
 
 from core.config import DatasetConfig
-from dataio.datasets import (VOC_CLASSES, COCODataset, DatasetError, VOCDataset, from_config, open_dataset,
-                           read_mask_file, save_mask_png, write_manifest)
+from dataio.coco import COCODataset
+from dataio.files import VOC_CLASSES, DatasetError
+from dataio.label_png import read_mask_file, save_mask_png
+from dataio.manifest import from_config, open_dataset, write_manifest
+from dataio.voc import VOCDataset
 
 TINY_CLASSES = ("cat", "dog", "boat")   # as written by the tiny_voc fixture (conftest.py)
 

@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from models.deeplab import (ASPPHead, LargeFOVHead, SegmenterError, build_deeplab, load_segmenter,
-                            save_segmenter, upsampled_logits)
+from models.deeplab import (
+    ASPPHead,
+    LargeFOVHead,
+    SegmenterError,
+    build_deeplab,
+    load_segmenter,
+    save_segmenter,
+    upsampled_logits,
+)
 
 
 def _meta(model_kw: dict, head: str, backbone: str = "efficientnet_lite0", num_classes: int = 3) -> dict:

@@ -19,8 +19,7 @@ import pytest
 import yaml
 
 import flows  # noqa: F401  (offline Prefect defaults before prefect is imported)
-from flows.dvc_stages import (PipelineError, StageFailedError, _split_output, is_stale,
-                              plan_stages, subprocess_env)
+from flows.dvc_stages import PipelineError, StageFailedError, _split_output, is_stale, plan_stages, subprocess_env
 from flows.pipeline import ARTIFACT_KEY, dvc_pipeline, main
 
 STAGE_SCRIPT = '''\

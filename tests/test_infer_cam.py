@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import ExportMasksConfig, InferCamConfig
 from artifacts.pseudo_masks import argmax_mask, mask_scores, read_cam_file
-from tasks.infer_cam import (InferCamError, infer_dataset, infer_images, resolve_activation, scaled_size,
-                             split_maps)
+from core.config import ExportMasksConfig, InferCamConfig
+from tasks.infer_cam import InferCamError, infer_dataset, infer_images, resolve_activation, scaled_size, split_maps
 
 CPU = torch.device("cpu")
 
@@ -150,8 +149,8 @@ def test_batching_and_memory_bound_do_not_change_results():
     labs = [np.array([1, 0, 1], np.float32)] * 4
     m = ColourMaps(rng.normal(size=(4, 3)) * 3).eval()
     big = infer_images(m, "eps", imgs, labs, InferCamConfig(max_batch_pixels=10**8), CPU)
-    small = [infer_images(m, "eps", [i], [l], InferCamConfig(max_batch_pixels=1024), CPU)[0]
-             for i, l in zip(imgs, labs)]
+    small = [infer_images(m, "eps", [i], [lab], InferCamConfig(max_batch_pixels=1024), CPU)[0]
+             for i, lab in zip(imgs, labs)]
     for x, y in zip(big, small):
         np.testing.assert_allclose(x.cams, y.cams, atol=1e-5)
         np.testing.assert_allclose(x.bg, y.bg, atol=1e-5)
@@ -236,7 +235,8 @@ def test_stage_rejects_mismatched_classifier(tmp_path):
 def test_run_with_a_saved_classifier(tmp_path, tiny_voc):
     """The stage entry point on a real VOC-layout folder and a classifier file (CONTRACT.md)."""
     pytest.importorskip("models.classifier")
-    from dataio.datasets import VOCDataset, write_manifest
+    from dataio.manifest import write_manifest
+    from dataio.voc import VOCDataset
     from models.classifier import build_classifier, save_classifier
     from tasks.export_masks import export
     from tasks.infer_cam import run

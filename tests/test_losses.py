@@ -9,8 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses import (classification_loss, estimated_saliency, image_logits, overlap_ratio,
-                           resize_saliency, saliency_loss, select_maps)
+from models.losses import (
+    classification_loss,
+    estimated_saliency,
+    image_logits,
+    overlap_ratio,
+    resize_saliency,
+    saliency_loss,
+    select_maps,
+)
 
 
 def _by_hand(maps: np.ndarray, sal: np.ndarray, y: np.ndarray, tau: float, lam: float):

@@ -8,10 +8,18 @@ import math
 import numpy as np
 import pytest
 
-from core.config import EvaluateConfig
-from method.metrics import (SegEvaluator, boundary_counts, boundary_edges, boundary_scores, confusion_matrix,
-                          cooccurrence_fp, fill_ignore, scores_from_confusion)
 from artifacts.pseudo_masks import CamRecord, PseudoMaskWriter, write_cam_file
+from core.config import EvaluateConfig
+from method.metrics import (
+    SegEvaluator,
+    boundary_counts,
+    boundary_edges,
+    boundary_scores,
+    confusion_matrix,
+    cooccurrence_fp,
+    fill_ignore,
+    scores_from_confusion,
+)
 
 I = 255  # ignore
 

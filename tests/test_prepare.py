@@ -15,9 +15,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from dataio import synthetic
 from core.config import ConfigError, Params, build
-from dataio.datasets import DatasetError, open_dataset
+from dataio import synthetic
+from dataio.files import DatasetError
+from dataio.manifest import open_dataset
 from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from artifacts.pseudo_masks import (
+    FORMAT,
+    CamRecord,
+    PngMasks,
+    PseudoMaskError,
+    PseudoMasks,
+    PseudoMaskWriter,
+    export_png,
+    voc_palette,
+    write_cam_file,
+)
+from artifacts.pseudo_masks import main as pm_main
 from core.config import ExportMasksConfig
-from artifacts.pseudo_masks import (FORMAT, CamRecord, PngMasks, PseudoMaskError, PseudoMasks, PseudoMaskWriter,
-                               export_png, main as pm_main, voc_palette, write_cam_file)
 from tasks.export_masks import ExportMasksError, export
 
 REPO = Path(__file__).resolve().parents[1]

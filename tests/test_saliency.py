@@ -20,12 +20,12 @@ import pytest
 import yaml
 from PIL import Image
 
+from artifacts.saliency_maps import SaliencyMapError, load_saliency, map_histograms, saliency_path, saliency_scores
 from assets import isnet_model
-from core.config import SaliencyConfig, build
-from dataio.datasets import VOCDataset, write_manifest
 from assets.onnx_graph import input_output_shapes, specialise_input_size
-from artifacts.saliency_maps import (SaliencyMapError, load_saliency, map_histograms, saliency_path,
-                                saliency_scores)
+from core.config import SaliencyConfig, build
+from dataio.manifest import write_manifest
+from dataio.voc import VOCDataset
 from tasks import saliency as stage
 
 REPO = Path(__file__).resolve().parents[1]

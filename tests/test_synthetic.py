@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataio import synthetic
 from core.config import ConfigError, PrepareConfig, build
-from dataio.datasets import VOCDataset, read_label_file
+from dataio import synthetic
+from dataio.labels import read_label_file
+from dataio.voc import VOCDataset
 
 TINY = dict(seed=3, num_train=10, num_val=6, image_size=48, num_classes=5, co_occurrence_rate=0.85,
             min_objects=1, max_objects=3, preview_count=0)

@@ -17,16 +17,23 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_voc_dataset
 from torch.utils.data import DataLoader
 
-from conftest import write_voc_dataset
-from core.config import PredictSegConfig, TrainSegConfig, build
-from dataio.datasets import VOCDataset
 from artifacts.pseudo_masks import PngMasks, PseudoMaskWriter
+from core.config import PredictSegConfig, TrainSegConfig, build
+from dataio.voc import VOCDataset
 from models.deeplab import load_segmenter
 from tasks import predict_seg, train_seg
-from tasks.train_seg import (IGNORE, MaskSource, ResumableBatchSampler, SegTrainSamples, TrainSegError,
-                             augment, segmentation_loss)
+from tasks.train_seg import (
+    IGNORE,
+    MaskSource,
+    ResumableBatchSampler,
+    SegTrainSamples,
+    TrainSegError,
+    augment,
+    segmentation_loss,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "boat")
@@ -206,7 +213,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_train_seg import resume_cfg
-from dataio.datasets import VOCDataset
+from dataio.voc import VOCDataset
 from tasks.train_seg import run
 root = Path({root!r})
 reader = VOCDataset(root, labels=root / "cls_labels.npy")
@@ -261,7 +268,7 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_train_seg import tiny_cfg
-from dataio.datasets import VOCDataset
+from dataio.voc import VOCDataset
 from tasks.train_seg import run
 root = Path({root!r})
 summary = run(tiny_cfg(iterations=2), seed=3, reader=VOCDataset(root, labels=root / "cls_labels.npy"),

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from core.training import (ResumableBatchSampler, epoch_permutation, poly_lr, run_fingerprint, sample_rng,
-                           setup_distributed)
+from core.training import (
+    ResumableBatchSampler,
+    epoch_permutation,
+    poly_lr,
+    run_fingerprint,
+    sample_rng,
+    setup_distributed,
+)
 
 
 def test_data_order_is_a_function_of_seed_and_iteration():

@@ -45,7 +45,8 @@ def test_saliency_background_oracle_by_hand():
 
 @pytest.fixture
 def tiny_prepared(tmp_path, make_voc):
-    from dataio.datasets import VOCDataset, write_manifest
+    from dataio.manifest import write_manifest
+    from dataio.voc import VOCDataset
     root = make_voc(size=(32, 48))
     ds = VOCDataset(root)
     manifest = tmp_path / "dataset.json"

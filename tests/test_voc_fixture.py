@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import voc_fixture
-from dataio.datasets import VOC_CLASSES, VOCDataset, read_mask_file
+
+from dataio.files import VOC_CLASSES
+from dataio.label_png import read_mask_file
+from dataio.voc import VOCDataset
 
 
 def test_labelme_names_map_to_voc_indices():

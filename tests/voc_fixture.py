@@ -43,7 +43,8 @@ import numpy as np
 from PIL import Image
 
 from core.atomic import atomic_path, locked
-from dataio.datasets import IGNORE_INDEX, VOC_CLASSES, normalise_class_name, save_mask_png
+from dataio.files import IGNORE_INDEX, VOC_CLASSES, normalise_class_name
+from dataio.label_png import save_mask_png
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DEST = REPO_ROOT / ".state" / "fixtures" / "voc_real"
