@@ -45,37 +45,38 @@ byte-identical files.
 
 from __future__ import annotations
 
-import colorsys
 import functools
 import json
 import math
 import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from dataio.label_png import save_mask_png
+from dataio.synthetic_layout import _DESIGNS, _SIZE_RANGE, _place_objects, _zone_box
+from dataio.synthetic_paint import _background, _Canvas, _context_region, _context_texture, _inner_outline, _paint_object, _paste
+
 CLASS_NAMES: tuple[str, ...] = ("train", "boat", "plane", "car", "cow", "bird", "horse", "skier")
+
+
 CONTEXT_NAMES: tuple[str, ...] = ("rail", "water", "sky", "road", "grass", "foliage", "track", "snow")
+
+
 SPLITS: tuple[str, ...] = ("train", "val")
+
+
 ON_CONTEXT_MIN_COVERAGE = 0.15
+
+
 JPEG_QUALITY = 95
+
+
 IGNORE = 255
-
-# object size: longest side as a fraction of the image side, shrunk when more objects share it
-_SIZE_RANGE = (0.38, 0.56)
-_SIZE_SCALE = {1: 1.0, 2: 0.84, 3: 0.72}
-_MAX_BBOX_OVERLAP = 0.12          # accepted overlap of a new object's box with an earlier one
-_MAX_ZONE_OVERLAP = 0.1           # ... and of their surroundings (see _zone_box), when possible
-_PLACEMENT_TRIES = 40
-_SHIFT = 4                        # cv2 fixed-point bits for sub-pixel polygon vertices
-_SCALE = float(1 << _SHIFT)
-
-
-# --------------------------------------------------------------------------- names and layout
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -105,538 +106,7 @@ def image_id(split: str, index: int) -> str:
     return f"{split}_{index:05d}"
 
 
-# --------------------------------------------------------------------------- textures
-
-
-class _Canvas:
-    """Pixel grids shared by the texture functions of one image."""
-
-    def __init__(self, size: int):
-        self.size = size
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        self.yy, self.xx = yy, xx
-
-
-def _smooth_noise(rng: np.random.Generator, size: int, cell: float, aspect: float = 1.0) -> np.ndarray:
-    """Value noise in [0, 1]: a random grid of ``cell``-pixel cells, bicubic-upsampled.
-
-    ``aspect`` > 1 stretches cells vertically (grass blades).
-    """
-    gw = max(2, int(round(size / max(cell, 1.0))) + 2)
-    gh = max(2, int(round(size / max(cell * aspect, 1.0))) + 2)
-    grid = rng.random((gh, gw), dtype=np.float32)
-    up = cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-    return np.clip(up, 0.0, 1.0)
-
-
-def _stripes(c: _Canvas, period: float, angle: float, phase: float, hard: bool) -> np.ndarray:
-    t = (c.xx * math.cos(angle) + c.yy * math.sin(angle)) * (2 * math.pi / max(period, 2.0)) + phase
-    s = np.sin(t)
-    return (s > 0).astype(np.float32) if hard else (0.5 + 0.5 * s).astype(np.float32)
-
-
-def _checker(c: _Canvas, period: float, angle: float) -> np.ndarray:
-    k = 2 * math.pi / max(period, 2.0)
-    u = c.xx * math.cos(angle) + c.yy * math.sin(angle)
-    v = -c.xx * math.sin(angle) + c.yy * math.cos(angle)
-    return ((np.sin(u * k) * np.sin(v * k)) > 0).astype(np.float32)
-
-
-def _dots(c: _Canvas, period: float, radius: float, ox: float, oy: float) -> np.ndarray:
-    period = max(period, 3.0)
-    dx = np.mod(c.xx - ox, period) - period / 2
-    dy = np.mod(c.yy - oy, period) - period / 2
-    return (dx * dx + dy * dy < radius * radius).astype(np.float32)
-
-
-def _gradient(c: _Canvas, angle: float) -> np.ndarray:
-    u = c.xx * math.cos(angle) + c.yy * math.sin(angle)
-    lo, hi = float(u.min()), float(u.max())
-    return ((u - lo) / max(hi - lo, 1e-6)).astype(np.float32)
-
-
-def _random_pattern(c: _Canvas, rng: np.random.Generator, kinds: Sequence[str], scale: float) -> np.ndarray:
-    """One of ``kinds``, its period around ``scale`` pixels, in [0, 1]."""
-    kind = kinds[int(rng.integers(len(kinds)))]
-    period = scale * float(rng.uniform(0.6, 1.5))
-    angle = float(rng.uniform(0, math.pi))
-    if kind == "noise":
-        return _smooth_noise(rng, c.size, period * 0.6)
-    if kind == "stripes":
-        return _stripes(c, period, angle, float(rng.uniform(0, 2 * math.pi)), hard=bool(rng.random() < 0.5))
-    if kind == "checker":
-        return _checker(c, period, angle)
-    if kind == "dots":
-        return _dots(c, period, period * float(rng.uniform(0.2, 0.35)), *rng.uniform(0, period, 2))
-    if kind == "gradient":
-        return _gradient(c, angle)
-    raise ValueError(kind)
-
-
-def _mix(c1: Sequence[float], c2: Sequence[float], t: np.ndarray) -> np.ndarray:
-    """HxWx3 colours ``c1 + (c2 - c1) * t`` (cv2: numpy is slow on a trailing axis of 3)."""
-    t = t.astype(np.float32, copy=False)
-    return cv2.merge([cv2.addWeighted(t, float(c2[ch]) - float(c1[ch]), t, 0.0, float(c1[ch])) for ch in range(3)])
-
-
-def _paste(dst: np.ndarray, src: np.ndarray, mask: np.ndarray) -> None:
-    """``dst[mask] = src[mask]`` in place (cv2: much faster than boolean indexing of HxWx3)."""
-    out = cv2.copyTo(src, mask.astype(np.uint8, copy=False), dst)
-    if out is not dst:
-        dst[...] = out
-
-
-def _shade(img: np.ndarray, factor: np.ndarray) -> np.ndarray:
-    """Multiply every channel by an HxW factor, in place."""
-    f = factor.astype(np.float32, copy=False)
-    return cv2.multiply(img, cv2.merge([f, f, f]), dst=img)
-
-
-def _paint(dst: np.ndarray, mask: np.ndarray, colour: Sequence[float]) -> None:
-    _paste(dst, np.full_like(dst, colour), mask)
-
-
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v), np.float32) * 255.0
-
-
-# --------------------------------------------------------------------------- object designs
-
-
-@dataclass(frozen=True)
-class _Part:
-    role: str                 # body | dark | key | key2 (painted in that order)
-    kind: str                 # poly | ellipse | circle
-    data: tuple               # poly: ((x, y), ...); ellipse: (cx, cy, rx, ry); circle: (cx, cy, r * h)
-
-
-@dataclass(frozen=True)
-class _ClassDesign:
-    name: str
-    context: str
-    aspect: float                                  # width / height
-    parts: Callable[[Callable[..., float]], list]  # jitter -> [_Part] in unit box coords, front at x = 1
-    key_colours: tuple                             # (a, b) RGB of the key part's two-colour pattern
-    key_pattern: str                               # hstripes | vstripes | dots | diag | check
-    key2_colour: tuple = (0, 0, 0)
-    ground: bool = True                            # context under the object (else around it)
-    ground_top: float = 0.55                       # where the ground band starts, in object heights
-
-
-def _rect(x0, y0, x1, y1):
-    return ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
-
-
-def _P(role, kind, *data):
-    return _Part(role, kind, tuple(data) if kind != "poly" else tuple(data[0]))
-
-
-def _train_parts(j):
-    nose = j(0.80, 0.04)
-    wheels = [_P("dark", "circle", x, 0.9, 0.09) for x in (j(0.1), j(0.26), j(0.62), j(0.8))]
-    return [
-        _P("body", "poly", ((0, 0.12), (nose, 0.12), (1.0, j(0.42)), (1.0, 0.84), (0, 0.84))),
-        _P("dark", "poly", _rect(0.02, 0.84, 0.98, 0.9)), *wheels,
-        _P("key", "poly", ((nose - 0.03, 0.16), (nose + 0.06, 0.16), (0.97, 0.42), (0.97, 0.62),
-                           (nose - 0.03, 0.62))),
-    ]
-
-
-def _boat_parts(j):
-    mast = j(0.45, 0.05)
-    return [
-        _P("body", "poly", ((0.0, j(0.55)), (1.0, j(0.5)), (j(0.86), 0.93), (j(0.14), 0.93))),
-        _P("body", "poly", _rect(j(0.28), j(0.36), j(0.64), 0.56)),
-        _P("dark", "poly", _rect(mast, 0.03, mast + 0.06, 0.37)),
-        _P("key", "poly", ((mast + 0.06, 0.03), (mast + j(0.36), j(0.12)), (mast + 0.06, j(0.24)))),
-    ]
-
-
-def _plane_parts(j):
-    return [
-        _P("body", "ellipse", 0.5, 0.55, 0.47, j(0.13, 0.02)),
-        _P("body", "poly", ((0.42, 0.58), (0.6, 0.58), (j(0.46), 0.99), (j(0.36), 0.99))),
-        _P("body", "poly", ((0.46, 0.5), (0.56, 0.5), (j(0.44), 0.24), (j(0.39), 0.24))),
-        _P("dark", "ellipse", 0.88, 0.5, 0.05, 0.04),
-        _P("key", "poly", ((0.03, 0.53), (0.16, 0.53), (j(0.1), 0.1), (0.02, 0.1))),
-    ]
-
-
-def _car_parts(j):
-    roof = j(0.1, 0.03)
-    return [
-        _P("body", "poly", ((0.0, 0.52), (0.04, 0.44), (0.96, 0.44), (1.0, 0.52), (1.0, 0.8), (0.0, 0.8))),
-        _P("body", "poly", ((0.2, 0.45), (j(0.3), roof), (j(0.68), roof), (0.83, 0.45))),
-        _P("key", "poly", ((0.31, 0.42), (0.35, roof + 0.07), (0.48, roof + 0.07), (0.48, 0.42))),
-        _P("key", "poly", ((0.51, 0.42), (0.51, roof + 0.07), (0.66, roof + 0.07), (0.76, 0.42))),
-        _P("dark", "circle", j(0.22), 0.8, 0.18),
-        _P("dark", "circle", j(0.78), 0.8, 0.18),
-    ]
-
-
-def _cow_parts(j):
-    legs = [_P("body", "poly", _rect(x, 0.5, x + 0.065, 0.98)) for x in (j(0.2), j(0.3), j(0.57), j(0.67))]
-    return [
-        _P("body", "ellipse", 0.45, 0.42, 0.34, j(0.22, 0.02)), *legs,
-        _P("body", "poly", ((0.7, 0.3), (0.84, 0.2), (0.87, 0.4), (0.72, 0.52))),
-        _P("dark", "poly", ((0.11, 0.35), (j(0.03), 0.72), (0.07, 0.72), (0.14, 0.38))),
-        _P("key", "ellipse", 0.88, 0.3, 0.1, j(0.15, 0.02)),
-    ]
-
-
-def _bird_parts(j):
-    return [
-        _P("body", "ellipse", 0.45, 0.55, 0.28, 0.2),
-        _P("body", "poly", ((0.22, 0.5), (0.0, j(0.36)), (0.0, j(0.7)), (0.22, 0.62))),
-        _P("body", "poly", ((0.28, 0.5), (0.62, 0.48), (j(0.42), j(0.08)))),
-        _P("dark", "poly", _rect(0.39, 0.7, 0.42, 0.97)),
-        _P("dark", "poly", _rect(0.5, 0.7, 0.53, 0.97)),
-        _P("key", "circle", 0.76, 0.38, j(0.14, 0.015)),
-        _P("key2", "poly", ((0.86, 0.32), (1.0, j(0.4)), (0.86, 0.46))),
-    ]
-
-
-def _horse_parts(j):
-    legs = [_P("body", "poly", _rect(x, 0.5, x + 0.05, 1.0)) for x in (j(0.17), j(0.25), j(0.55), j(0.63))]
-    return [
-        _P("body", "ellipse", 0.42, 0.45, 0.3, 0.16), *legs,
-        _P("body", "poly", ((0.62, 0.42), (0.7, 0.3), (0.82, j(0.07)), (0.92, 0.12), (0.78, 0.48))),
-        _P("body", "ellipse", 0.9, 0.13, 0.09, 0.07),
-        _P("dark", "poly", ((0.13, 0.38), (j(0.03), 0.76), (0.08, 0.77), (0.15, 0.42))),
-        _P("key", "poly", ((0.32, 0.26), (0.54, 0.26), (0.52, 0.45), (0.34, 0.45))),
-    ]
-
-
-def _skier_parts(j):
-    return [
-        _P("body", "poly", _rect(0.3, 0.22, 0.7, 0.6)),
-        _P("body", "poly", _rect(0.32, 0.58, 0.47, 0.93)),
-        _P("body", "poly", _rect(0.53, 0.58, 0.68, 0.93)),
-        _P("body", "poly", ((0.3, 0.25), (j(0.06), j(0.55)), (0.16, 0.58), (0.33, 0.38))),
-        _P("body", "poly", ((0.7, 0.25), (j(0.94), j(0.55)), (0.84, 0.58), (0.67, 0.38))),
-        _P("dark", "poly", _rect(0.0, 0.93, 1.0, 1.0)),
-        _P("key", "circle", 0.5, 0.12, 0.11),
-    ]
-
-
-_DESIGNS: tuple[_ClassDesign, ...] = (
-    _ClassDesign("train", "rail", 2.4, _train_parts, ((250, 205, 25), (20, 20, 20)), "hstripes", ground_top=0.6),
-    _ClassDesign("boat", "water", 1.5, _boat_parts, ((225, 25, 35), (250, 250, 250)), "vstripes", ground_top=0.62),
-    _ClassDesign("plane", "sky", 2.0, _plane_parts, ((255, 125, 0), (255, 255, 255)), "dots", ground=False),
-    _ClassDesign("car", "road", 2.0, _car_parts, ((40, 220, 240), (245, 255, 255)), "diag", ground_top=0.55),
-    _ClassDesign("cow", "grass", 1.6, _cow_parts, ((245, 110, 175), (255, 255, 255)), "check", ground_top=0.5),
-    _ClassDesign("bird", "foliage", 1.3, _bird_parts, ((230, 20, 20), (120, 0, 0)), "dots",
-                 key2_colour=(255, 215, 0), ground=False),
-    _ClassDesign("horse", "track", 1.3, _horse_parts, ((125, 35, 200), (240, 190, 40)), "hstripes", ground_top=0.55),
-    _ClassDesign("skier", "snow", 0.55, _skier_parts, ((150, 240, 30), (15, 15, 15)), "hstripes", ground_top=0.5),
-)
 assert tuple(d.name for d in _DESIGNS) == CLASS_NAMES and tuple(d.context for d in _DESIGNS) == CONTEXT_NAMES
-
-
-@dataclass
-class _Placed:
-    """One object in image coordinates."""
-
-    cls: int
-    on_context: bool
-    polys: list                      # [(role, Nx2 float32 pixel coords)]
-    bbox: tuple                      # x0, y0, x1, y1 (floats)
-    size: tuple                      # w, h of the unrotated object
-
-
-def _shape_points(part: _Part, w: float, h: float) -> np.ndarray:
-    if part.kind == "poly":
-        pts = np.asarray(part.data, np.float32)
-    else:
-        if part.kind == "ellipse":
-            cx, cy, rx, ry = part.data
-        else:                                          # circle: radius in object heights
-            cx, cy, r = part.data
-            rx, ry = r * h / w, r
-        t = np.linspace(0, 2 * math.pi, 32, endpoint=False, dtype=np.float32)
-        pts = np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
-    return pts
-
-
-def _layout_object(design: _ClassDesign, rng: np.random.Generator, w: float, h: float) -> list:
-    """Parts of one object, centred on (0, 0), mirrored and rotated at random."""
-    def jitter(v: float, s: float = 0.03) -> float:
-        return v + float(rng.uniform(-s, s))
-
-    parts = design.parts(jitter)
-    flip = rng.random() < 0.5
-    angle = math.radians(float(rng.uniform(-8, 8)))
-    ca, sa = math.cos(angle), math.sin(angle)
-    out = []
-    for part in parts:
-        pts = _shape_points(part, w, h)
-        px = (pts[:, 0] - 0.5) * w
-        py = (pts[:, 1] - 0.5) * h
-        if flip:
-            px = -px
-        out.append((part.role, np.stack([px * ca - py * sa, px * sa + py * ca], axis=1)))
-    return out
-
-
-def _fill(mask: np.ndarray, pts: np.ndarray, value: int = 1) -> None:
-    cv2.fillPoly(mask, [np.round(pts * _SCALE).astype(np.int32)], value, lineType=cv2.LINE_8, shift=_SHIFT)
-
-
-def _overlap(a: tuple, b: tuple) -> float:
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    if iw <= 0 or ih <= 0:
-        return 0.0
-    area = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-    return iw * ih / max(area, 1e-6)
-
-
-def _zone_box(bbox: tuple) -> tuple:
-    """An object's surroundings: its box grown by 30 % (+2 px) per side (where its context must show)."""
-    x0, y0, x1, y1 = bbox
-    mx, my = 0.3 * (x1 - x0) + 2, 0.3 * (y1 - y0) + 2
-    return (x0 - mx, y0 - my, x1 + mx, y1 + my)
-
-
-def _place_objects(cfg: Any, rng: np.random.Generator) -> list[_Placed]:
-    s = cfg.image_size
-    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    classes = rng.integers(0, cfg.num_classes, size=n)
-    on_ctx = rng.random(n) < cfg.co_occurrence_rate
-    placed: list[_Placed] = []
-    for i in range(n):
-        design = _DESIGNS[int(classes[i])]
-        long_side = s * float(rng.uniform(*_SIZE_RANGE)) * _SIZE_SCALE[n]
-        w, h = (long_side, long_side / design.aspect) if design.aspect >= 1 else (long_side * design.aspect, long_side)
-        polys = _layout_object(design, rng, w, h)
-        allpts = np.concatenate([p for _, p in polys])
-        lo, hi = allpts.min(axis=0), allpts.max(axis=0)
-        best = None
-        for _ in range(_PLACEMENT_TRIES):
-            cx = float(rng.uniform(1 - lo[0], s - 1 - hi[0])) if s - 2 > hi[0] - lo[0] else s / 2
-            cy = float(rng.uniform(1 - lo[1], s - 1 - hi[1])) if s - 2 > hi[1] - lo[1] else s / 2
-            bbox = (cx + lo[0], cy + lo[1], cx + hi[0], cy + hi[1])
-            worst = max((_overlap(bbox, p.bbox) for p in placed), default=0.0)
-            # prefer spots where the objects' surroundings (their contexts) do not collide either
-            crowd = max((_overlap(_zone_box(bbox), _zone_box(p.bbox)) for p in placed), default=0.0)
-            score = (max(worst - _MAX_BBOX_OVERLAP, 0.0), crowd)
-            if best is None or score < best[0]:
-                best = (score, worst, cx, cy, bbox)
-            if worst <= _MAX_BBOX_OVERLAP and crowd <= _MAX_ZONE_OVERLAP:
-                break
-        _, worst, cx, cy, bbox = best
-        if worst > 0.3:          # no room left: leave the object out rather than hide another
-            continue
-        shifted = [(role, (p + np.asarray([cx, cy], np.float32)).astype(np.float32)) for role, p in polys]
-        placed.append(_Placed(int(classes[i]), bool(on_ctx[i]), shifted, bbox, (w, h)))
-    return placed
-
-
-# --------------------------------------------------------------------------- contexts
-
-
-def _context_region(design: _ClassDesign, bbox: tuple, rng: np.random.Generator, s: int) -> np.ndarray:
-    """Binary region (HxW uint8) of an object's context: a band under it or a region around it."""
-    x0, y0, x1, y1 = bbox
-    w, h = x1 - x0, y1 - y0
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    region = np.zeros((s, s), np.uint8)
-    if design.context == "foliage":
-        r0 = max(w, h)
-        for _ in range(int(rng.integers(6, 9))):
-            ccx = cx + float(rng.uniform(-0.6, 0.6)) * w / 2
-            ccy = cy + float(rng.uniform(-0.5, 0.8)) * h / 2
-            rr = r0 * float(rng.uniform(0.4, 0.6))
-            cv2.circle(region, (int(round(ccx * _SCALE)), int(round(ccy * _SCALE))), int(round(rr * _SCALE)),
-                       1, thickness=-1, lineType=cv2.LINE_8, shift=_SHIFT)
-        return region
-    if not design.ground:                         # sky: a boxy super-ellipse around the object
-        ax = w / 2 * float(rng.uniform(1.6, 2.1))
-        ay = h / 2 * float(rng.uniform(2.2, 3.0))
-        t = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-        c, si = np.cos(t), np.sin(t)
-        px = cx + ax * np.sign(c) * np.abs(c) ** 0.5
-        py = cy + ay * np.sign(si) * np.abs(si) ** 0.5
-        _fill(region, np.stack([px, py], 1).astype(np.float32))
-        return region
-    # ground band: from part-way up the object to well below it, about twice its width
-    half = max(w, 0.8 * h) / 2 * float(rng.uniform(1.9, 2.6))       # tall objects (skier) too
-    top = y0 + design.ground_top * h
-    bottom = y1 + max(h, 0.45 * w) * float(rng.uniform(0.5, 1.0))     # flat objects get deep bands too
-    xs = np.linspace(cx - half, cx + half, 13)
-    style = design.context
-    if style in ("water", "track"):
-        amp = (0.05 if style == "water" else 0.08) * h
-        ys = top + amp * np.sin(xs / max(w, 1) * 2 * math.pi * float(rng.uniform(1, 2.5)) + float(rng.uniform(0, 6.3)))
-    elif style in ("grass", "snow"):
-        ys = top + rng.uniform(-0.08, 0.08, xs.shape) * h
-    else:                                          # rail, road: straight
-        ys = np.full_like(xs, top)
-    spread = w * float(rng.uniform(0.0, 0.25))
-    pts = list(zip(xs, ys)) + [(cx + half + spread, bottom), (cx - half - spread, bottom)]
-    _fill(region, np.asarray(pts, np.float32))
-    return region
-
-
-def _context_texture(name: str, c: _Canvas, rng: np.random.Generator, bbox: tuple) -> np.ndarray:
-    """Colour field (HxWx3 float) of a context; cues (rails, lane marks, branch) sit by the object."""
-    s = c.size
-    x0, y0, x1, y1 = bbox
-    w, h = x1 - x0, y1 - y0
-    fine = _smooth_noise(rng, s, 1.5)
-    if name == "rail":
-        img = _mix((112, 100, 90), (150, 138, 124), 0.6 * fine + 0.4 * _smooth_noise(rng, s, 4))
-        rail_y = y1 - 0.04 * h
-        thick = max(1.0, 0.035 * h)
-        sleeper = max(4.0, 0.14 * w)
-        ties = (np.mod(c.xx - float(rng.uniform(0, sleeper)), sleeper) < sleeper * 0.35) & \
-               (c.yy > rail_y - 0.02 * h) & (c.yy < rail_y + 0.22 * h)
-        _paint(img, ties, (92, 66, 46))
-        for ry in (rail_y, rail_y + 0.16 * h):
-            _paint(img, np.abs(c.yy - ry) <= thick, (175, 175, 182))
-        return img
-    if name == "water":
-        period = max(3.0, 0.06 * s)
-        sway = 1.5 * np.sin(c.xx * 2 * math.pi / (3 * period) + float(rng.uniform(0, 6.3)))
-        t = np.sin(c.yy * 2 * math.pi / period + sway)
-        return _mix((35, 85, 150), (80, 135, 200), 0.5 + 0.35 * t + 0.15 * (fine - 0.5))
-    if name == "sky":
-        grad = np.clip((c.yy - (y0 - 1.5 * h)) / max(4 * h, 1), 0, 1)
-        img = _mix((105, 155, 225), (185, 210, 242), grad)
-        clouds = np.clip((_smooth_noise(rng, s, s / 6) - 0.55) * 4, 0, 1) * 0.7
-        return _shade(img, 1 - clouds) + _mix((0, 0, 0), (245, 247, 252), clouds)
-    if name == "road":
-        img = _mix((62, 62, 68), (92, 92, 98), fine)
-        line_y = y1 + 0.3 * h
-        dash = max(4.0, 0.22 * w)
-        marks = (np.abs(c.yy - line_y) <= max(1.0, 0.035 * h)) & (np.mod(c.xx, dash) < dash * 0.55)
-        _paint(img, marks, (230, 220, 150))
-        return img
-    if name == "grass":
-        blades = _smooth_noise(rng, s, 1.5, aspect=5.0)
-        return _mix((40, 105, 38), (100, 170, 62), 0.65 * blades + 0.35 * _smooth_noise(rng, s, 6))
-    if name == "foliage":
-        leaves = (_smooth_noise(rng, s, 2.5) > 0.5).astype(np.float32)
-        img = _mix((62, 88, 28), (150, 148, 44), 0.7 * leaves + 0.3 * fine)
-        by = y1 - 0.05 * h
-        slope = float(rng.uniform(-0.25, 0.25))
-        branch = np.abs(c.yy - (by + slope * (c.xx - (x0 + x1) / 2))) <= max(1.0, 0.06 * h)
-        _paint(img, branch, (105, 70, 40))
-        return img
-    if name == "track":
-        rake = _stripes(c, max(3.0, 0.05 * s), float(rng.uniform(0.3, 0.8)), 0.0, hard=False)
-        return _mix((176, 146, 100), (205, 176, 128), 0.55 * rake + 0.45 * fine)
-    if name == "snow":
-        img = _mix((200, 210, 232), (240, 243, 250), 0.6 * _smooth_noise(rng, s, s / 8) + 0.4 * fine)
-        ang = float(rng.uniform(-0.5, 0.5))
-        base = y1 + 0.25 * h
-        for off in (0.0, max(2.0, 0.08 * w)):
-            track = np.abs((c.yy - base) - ang * (c.xx - (x0 + x1) / 2) - off) <= 0.6
-            _paint(img, track, (165, 172, 192))
-        return img
-    raise ValueError(name)
-
-
-# --------------------------------------------------------------------------- backgrounds and objects
-
-
-def _background(c: _Canvas, rng: np.random.Generator) -> np.ndarray:
-    """Muted, textured generic background (one texture, or two split by a slanted line)."""
-    kinds = ("noise", "stripes", "checker", "dots", "gradient")
-
-    def layer() -> np.ndarray:
-        h, sat, val = float(rng.random()), float(rng.uniform(0.04, 0.3)), float(rng.uniform(0.38, 0.78))
-        c1 = _hsv(h, sat, val)
-        c2 = _hsv(h + float(rng.uniform(-0.08, 0.08)), sat * float(rng.uniform(0.5, 1.3)),
-                  np.clip(val + float(rng.choice([-1, 1])) * float(rng.uniform(0.08, 0.2)), 0.1, 0.95))
-        t = _random_pattern(c, rng, kinds, c.size * float(rng.uniform(0.06, 0.2)))
-        amp = float(rng.uniform(0.35, 0.8))
-        return _mix(c1, c2, amp * t + (1 - amp) * 0.5)
-
-    img = layer()
-    if rng.random() < 0.5:
-        other = layer()
-        ang = float(rng.uniform(-0.35, 0.35))
-        y = c.size * float(rng.uniform(0.3, 0.7))
-        lower = c.yy > y + math.tan(ang) * (c.xx - c.size / 2)
-        _paste(img, other, lower)
-    return _shade(img, 0.85 + 0.3 * _smooth_noise(rng, c.size, c.size / 2))
-
-
-def _key_texture(design: _ClassDesign, c: _Canvas, h: float) -> np.ndarray:
-    a, b = design.key_colours
-    period = max(2.5, 0.12 * h)
-    if design.key_pattern == "hstripes":
-        t = _stripes(c, period, math.pi / 2, 0.0, hard=True)
-    elif design.key_pattern == "vstripes":
-        t = _stripes(c, period, 0.0, 0.0, hard=True)
-    elif design.key_pattern == "diag":
-        t = _stripes(c, period * 1.5, math.pi / 4, 0.0, hard=True) * 0.8
-    elif design.key_pattern == "check":
-        t = _checker(c, period, 0.0)
-    elif design.key_pattern == "dots":
-        t = _dots(c, period * 1.6, period * 0.45, 0.0, 0.0)
-    else:
-        raise ValueError(design.key_pattern)
-    return _mix(a, b, t)
-
-
-def _body_colour(rng: np.random.Generator, under: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, float]:
-    """A saturated body colour far from what lies under the object (salient) and from its key part."""
-    best, best_d = None, -1.0
-    for _ in range(30):
-        col = _hsv(float(rng.random()), float(rng.uniform(0.45, 0.95)), float(rng.uniform(0.4, 0.95)))
-        d = min(float(np.linalg.norm(col - under)), float(np.linalg.norm(col - key)) * 1.2)
-        if d > best_d:
-            best, best_d = col, d
-        if d >= 110:
-            break
-    return best, best_d
-
-
-def _paint_object(img: np.ndarray, obj: _Placed, c: _Canvas, rng: np.random.Generator,
-                  body_kinds: Sequence[str]) -> np.ndarray:
-    """Paint one object in place; return its silhouette (HxW bool)."""
-    s = c.size
-    design = _DESIGNS[obj.cls]
-    w, h = obj.size
-    roles = {}
-    for role, pts in obj.polys:
-        m = roles.setdefault(role, np.zeros((s, s), np.uint8))
-        _fill(m, pts)
-    sil = np.zeros((s, s), bool)
-    for m in roles.values():
-        sil |= m.astype(bool)
-    under = np.asarray(cv2.mean(img, sil.astype(np.uint8))[:3], np.float32)   # what the object must stand out from
-    body_c, _ = _body_colour(rng, under, np.asarray(design.key_colours[0], np.float32))
-    hsv_shift = float(rng.uniform(0.02, 0.1)) * float(rng.choice([-1, 1]))
-    r, g, b = body_c / 255.0
-    hh, ss, vv = colorsys.rgb_to_hsv(r, g, b)
-    body_c2 = _hsv(hh + hsv_shift, ss, float(np.clip(vv * float(rng.uniform(0.6, 0.85)), 0, 1)))
-    t = _random_pattern(c, rng, body_kinds, max(3.0, h * float(rng.uniform(0.15, 0.4))))
-    amp = float(rng.uniform(0.3, 0.75))
-    y0 = obj.bbox[1]
-    light = 1.12 - 0.24 * np.clip((c.yy - y0) / max(obj.bbox[3] - y0, 1), 0, 1)
-    layers = {
-        "body": lambda: _shade(_mix(body_c, body_c2, amp * t), light),
-        "dark": lambda: _mix((38, 38, 44), (70, 70, 78), _smooth_noise(rng, s, 2)),
-        "key": lambda: _key_texture(design, c, h),
-        "key2": lambda: np.full((s, s, 3), design.key2_colour, np.float32),
-    }
-    for role in ("body", "dark", "key", "key2"):
-        if role in roles:
-            _paste(img, layers[role](), roles[role])
-    return sil
-
-
-def _inner_outline(inst: np.ndarray) -> np.ndarray:
-    """Object pixels with a 4-neighbour of another instance (or background)."""
-    pad = np.pad(inst, 1, mode="edge")
-    centre = pad[1:-1, 1:-1]
-    diff = np.zeros(inst.shape, bool)
-    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        diff |= pad[1 + dy:pad.shape[0] - 1 + dy, 1 + dx:pad.shape[1] - 1 + dx] != centre
-    return diff & (inst > 0)
 
 
 @dataclass
@@ -711,9 +181,6 @@ def generate_sample(cfg: Any, split_index: int, index: int) -> Sample:
     return Sample(image, mask, ctx, labels, [o.cls for o in objects], [o.on_context for o in objects], lone)
 
 
-# --------------------------------------------------------------------------- measuring co-occurrence
-
-
 @dataclass(frozen=True)
 class ObjectContext:
     """One object region and how much of the background around it is its own context."""
@@ -765,28 +232,11 @@ def measure_objects(mask: np.ndarray, context: np.ndarray, context_class: dict[i
     return out
 
 
-# --------------------------------------------------------------------------- writing the dataset
-
-
-@functools.lru_cache(maxsize=1)
-def _voc_palette() -> tuple[int, ...]:
-    from dataio.label_png import voc_colormap  # one VOC palette everywhere
-
-    return tuple(voc_colormap().reshape(-1).tolist())
-
-
-def save_palette_png(index: np.ndarray, path: Path) -> None:
-    """An index map (mask or context map) as a palette PNG with the VOC colours."""
-    im = Image.fromarray(np.ascontiguousarray(index, dtype=np.uint8))
-    im.putpalette(_voc_palette())
-    im.save(path, format="PNG")
-
-
 def _write_sample(sample: Sample, root: Path, iid: str) -> None:
     Image.fromarray(sample.image).save(root / "JPEGImages" / f"{iid}.jpg", format="JPEG",
                                        quality=JPEG_QUALITY, subsampling=0)
-    save_palette_png(sample.mask, root / "SegmentationClass" / f"{iid}.png")
-    save_palette_png(sample.context, root / "ContextMaps" / f"{iid}.png")
+    save_mask_png(sample.mask, root / "SegmentationClass" / f"{iid}.png")
+    save_mask_png(sample.context, root / "ContextMaps" / f"{iid}.png")
 
 
 def _generate_one(cfg: Any, root: str, job: tuple[int, int]) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from core.config import ConfigError, PrepareConfig, build
-from dataio import synthetic
+from dataio import synthetic, synthetic_layout
 from dataio.labels import read_label_file
 from dataio.voc import VOCDataset
 
@@ -107,13 +107,13 @@ def test_contexts_are_larger_than_their_objects():
 
 @pytest.mark.parametrize("cls", range(len(synthetic.CLASS_NAMES)))
 def test_objects_are_silhouettes_with_a_small_key_part(cls):
-    design = synthetic._DESIGNS[cls]
+    design = synthetic_layout._DESIGNS[cls]
     rng = np.random.default_rng(cls)
     w, h = (120, 120 / design.aspect) if design.aspect >= 1 else (120 * design.aspect, 120)
-    polys = synthetic._layout_object(design, rng, w, h)
+    polys = synthetic_layout._layout_object(design, rng, w, h)
     canvas = {role: np.zeros((200, 200), np.uint8) for role, _ in polys}
     for role, pts in polys:
-        synthetic._fill(canvas[role], pts + 100)
+        synthetic_layout._fill(canvas[role], pts + 100)
     silhouette = np.any(np.stack(list(canvas.values())), axis=0)
     ys, xs = np.nonzero(silhouette)
     box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
