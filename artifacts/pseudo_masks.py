@@ -1,11 +1,4 @@
-"""Pseudo-mask data: per-image CAM files, the pseudo-mask HDF5 file, VOC PNG export.
-
-CAM file ``data/cams/<id>.npz`` (written by ``tasks.infer_cam``)::
-
-    cams     (P, H, W) float16  normalised CAM of each present class, in [0, 1]
-    classes  (P,)      int16    their 0-based class indices (ascending)
-    bg       (H, W)    float16  background probability map (eps models only)
-    size     (2,)      int32    image height, width
+"""The pseudo-mask HDF5 file and the readers of predicted masks (HDF5 or a PNG folder), VOC PNG export.
 
 Pseudo-mask HDF5 file ``data/pseudo_masks.h5`` (written by ``tasks.export_masks``),
 readable with plain h5py::
@@ -16,7 +9,7 @@ readable with plain h5py::
                              crf (JSON: preset + kernel values, or "none"), params (JSON of
                              the infer_cam + export_masks sections), split_ids_sha256
     /class_names      (C+1,) str    index = mask value; [0] = "background"
-    /palette          (256, 3) uint8  VOC colour map (255 = white)
+    /palette          (256, 3) uint8  VOC palette (dataio.label_png)
     /ids              (N,) str      image ids in written order
     /masks/<id>       (H, W) uint8  0 background, c+1 class c (chunked, gzip)
     /cams/<id>        (P, H, W) float16, attr "classes" (P,) int16   [optional]
@@ -31,143 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from artifacts.cams import CamRecord, PseudoMaskError
+from dataio.label_png import save_mask_png, voc_palette
+
 FORMAT = "eps-wsss/pseudo-masks"
+
+
 FORMAT_VERSION = 1
-
-
-class PseudoMaskError(ValueError):
-    """A CAM or pseudo-mask file is missing, corrupt, or not what the stage expects."""
-
-
-# --------------------------------------------------------------------------- CAM files
-
-
-@dataclass
-class CamRecord:
-    """The inference result of one image."""
-
-    cams: np.ndarray                 # (P, H, W) float32/float16, normalised to max 1
-    classes: np.ndarray              # (P,) 0-based class indices
-    bg: np.ndarray | None            # (H, W) background probability, eps models only
-    size: tuple[int, int]            # (H, W)
-
-
-def cam_path(cams_dir: str | Path, image_id: str) -> Path:
-    return Path(cams_dir) / f"{image_id}.npz"
-
-
-def write_cam_file(path: str | Path, rec: CamRecord) -> None:
-    """Write one CAM file atomically (temp name in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    arrays = {"cams": np.asarray(rec.cams, dtype=np.float16),
-              "classes": np.asarray(rec.classes, dtype=np.int16),
-              "size": np.asarray(rec.size, dtype=np.int32)}
-    if rec.bg is not None:
-        arrays["bg"] = np.asarray(rec.bg, dtype=np.float16)
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path)
-
-
-def read_cam_file(path: str | Path) -> CamRecord:
-    """Read one CAM file; a clear error names the file if it is missing or corrupt."""
-    path = Path(path)
-    if not path.is_file():
-        raise PseudoMaskError(f"CAM file not found: {path} (run the infer_cam stage first)")
-    try:
-        with np.load(path) as z:
-            cams = z["cams"].astype(np.float32)
-            classes = z["classes"].astype(np.int64)
-            bg = z["bg"].astype(np.float32) if "bg" in z.files else None
-            size = tuple(int(v) for v in z["size"])
-    except Exception as e:  # truncated zip, missing key, ...
-        raise PseudoMaskError(f"CAM file {path} is corrupt ({e}); delete it and rerun infer_cam") from e
-    if cams.ndim != 3 or cams.shape[1:] != size or len(classes) != cams.shape[0]:
-        raise PseudoMaskError(f"CAM file {path}: cams {cams.shape}, classes {classes.shape} and "
-                              f"size {size} do not agree")
-    return CamRecord(cams, classes, bg, size)
-
-
-def read_cams_meta(cams_dir: str | Path) -> dict:
-    """``<cams_dir>/meta.json`` (written last by infer_cam), with a clear error when missing."""
-    path = Path(cams_dir) / "meta.json"
-    if not path.is_file():
-        raise PseudoMaskError(f"{path} not found: run the infer_cam stage first (`dvc repro infer_cam`)")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise PseudoMaskError(f"{path} is corrupt ({e}); rerun infer_cam") from e
-
-
-# --------------------------------------------------------------------------- scores -> mask
-
-
-def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
-                saliency: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate scores ``(1 + P, H, W)`` and their mask values ``[0, c_1 + 1, ...]``.
-
-    ``background="threshold"``: the background score is the constant ``bg_threshold``
-    (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
-    ``"saliency"``: ``1 - saliency`` (``(H, W)`` in [0, 1]), the pixel-level saliency the
-    classifier was trained on, so a class wins where it is salient and its normalised CAM beats
-    the non-saliency; ``"auto"``: bgmap when the record has one, else threshold.
-    """
-    h, w = rec.size
-    if background == "auto":
-        background = "threshold" if rec.bg is None else "bgmap"
-    if background == "threshold":
-        bg = np.full((1, h, w), bg_threshold, dtype=np.float32)
-    elif background == "bgmap":
-        if rec.bg is None:
-            raise PseudoMaskError("background = bgmap needs the background map of an eps model; "
-                                  "these CAMs come from a model without one (use threshold)")
-        bg = rec.bg[None].astype(np.float32)
-    elif background == "saliency":
-        if saliency is None:
-            raise PseudoMaskError("background = saliency needs the image's saliency map")
-        if saliency.shape != (h, w):
-            raise PseudoMaskError(f"saliency map is {saliency.shape[1]}x{saliency.shape[0]} but the CAMs are "
-                                  f"{w}x{h}; rerun the saliency stage on this dataset")
-        bg = 1.0 - np.clip(saliency, 0.0, 1.0)[None].astype(np.float32)
-    else:
-        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap or saliency)")
-    scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
-    values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
-    return scores, values
-
-
-def argmax_mask(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """uint8 mask: the mask value of the highest score (ties go to the first, background)."""
-    return np.asarray(values, dtype=np.uint8)[np.argmax(scores, axis=0)]
-
-
-# --------------------------------------------------------------------------- palette
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map ``(n, 3)`` uint8 (index 255 = white, the ignore colour)."""
-    pal = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    if n > 255:
-        pal[255] = (255, 255, 255)
-    return pal
-
-
-# --------------------------------------------------------------------------- HDF5 writer
 
 
 def _check_id(image_id: str) -> str:
@@ -258,9 +126,6 @@ class PseudoMaskWriter:
             self.close()
         else:
             self.abort()
-
-
-# --------------------------------------------------------------------------- readers
 
 
 class PseudoMasks:
@@ -397,24 +262,13 @@ def open_predictions(source: str | Path) -> PseudoMasks | PngMasks:
     return PseudoMasks(source)
 
 
-def save_label_png(path: str | Path, mask: np.ndarray, palette: np.ndarray | None) -> None:
-    """A VOC-style label PNG: palette mode when a palette is given, else 8-bit grey."""
-    from PIL import Image
-
-    im = Image.fromarray(np.asarray(mask, dtype=np.uint8))  # mode L
-    if palette is not None:
-        im.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())  # L -> P
-    im.save(path)
-
-
 def export_png(h5_path: str | Path, out_dir: str | Path, palette: bool = True) -> int:
     """Write every mask of ``h5_path`` as ``out_dir/<id>.png`` (atomically, as one folder)."""
     from core.atomic import atomic_path
 
     with PseudoMasks(h5_path) as pm, atomic_path(out_dir, is_dir=True) as tmp:
-        pal = pm.palette if palette else None
         for image_id, mask in pm:
-            save_label_png(tmp / f"{image_id}.png", mask, pal)
+            save_mask_png(mask, tmp / f"{image_id}.png", palette=pm.palette if palette else False)
         return len(pm)
 
 

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from artifacts.pseudo_masks import mask_scores  # noqa: E402
 from core.config import InferCamConfig  # noqa: E402
 from method.crf import CRF_PRESETS, crf_argmax  # noqa: E402
+from method.mask_rule import mask_scores  # noqa: E402
 from tasks.infer_cam import infer_images, select_device  # noqa: E402
 
 

@@ -14,13 +14,13 @@ from PIL import Image, UnidentifiedImageError
 from dataio.files import IGNORE_INDEX, DatasetError
 
 
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC palette (``(n, 3)`` uint8), for writing palette PNG masks."""
-    return _voc_colormap(n).copy()
+def voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC palette ``(n, 3)`` uint8 (the devkit's colours; 255, ignore, is (224, 224, 192))."""
+    return _voc_palette(n).copy()
 
 
 @functools.lru_cache(maxsize=4)
-def _voc_colormap(n: int) -> np.ndarray:
+def _voc_palette(n: int) -> np.ndarray:
     cmap = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         r = g = b = 0
@@ -34,12 +34,16 @@ def _voc_colormap(n: int) -> np.ndarray:
     return cmap
 
 
-def save_mask_png(mask: np.ndarray, path: str | Path, *, palette: bool = True) -> None:
-    """Write an index mask (HxW uint8) as a palette PNG (VOC colours) or a grey PNG."""
+def save_mask_png(mask: np.ndarray, path: str | Path, *, palette: bool | np.ndarray = True) -> None:
+    """Write an index mask (HxW uint8) as a palette PNG or a grey PNG (``palette=False``).
+
+    ``palette=True`` uses the VOC colours; an ``(n, 3)`` array gives others (e.g. a file's own).
+    """
     im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="L")
-    if palette:
+    if palette is not False:
+        colours = voc_palette() if palette is True else np.asarray(palette, dtype=np.uint8)
         im = im.convert("P")
-        im.putpalette(voc_colormap().reshape(-1).tolist())
+        im.putpalette(colours.reshape(-1).tolist())
     im.save(path)
 
 

@@ -31,17 +31,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from artifacts.pseudo_masks import (
-    CamRecord,
-    PseudoMaskError,
-    PseudoMasks,
-    cam_path,
-    open_predictions,
-    read_cam_file,
-    voc_palette,
-)
+from artifacts.cams import CamRecord, PseudoMaskError, cam_path, read_cam_file
+from artifacts.pseudo_masks import PseudoMasks, open_predictions
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig, load_params, stage_sections
+from dataio.label_png import voc_palette
 from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
 
 

@@ -26,19 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from artifacts.pseudo_masks import (
-    PseudoMaskError,
-    PseudoMaskWriter,
-    argmax_mask,
-    cam_path,
-    mask_scores,
-    read_cam_file,
-    read_cams_meta,
-)
+from artifacts.cams import PseudoMaskError, cam_path, read_cam_file, read_cams_meta
+from artifacts.pseudo_masks import PseudoMaskWriter
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
+from method.mask_rule import argmax_mask, mask_scores
 
 
 class ExportMasksError(ValueError):

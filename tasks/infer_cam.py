@@ -51,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from artifacts.pseudo_masks import CamRecord, cam_path, write_cam_file
+from artifacts.cams import CamRecord, cam_path, write_cam_file
 from core.config import InferCamConfig, load_params, result_params, stage_sections
 from core.timings import timings_path, write_timings
 

@@ -108,7 +108,7 @@ def report_image(rows: list[tuple[str, np.ndarray, np.ndarray | None, np.ndarray
     """A grid ``image | ground truth | prediction`` (one row per image) with a colour legend."""
     from PIL import Image, ImageDraw
 
-    from artifacts.pseudo_masks import voc_palette
+    from dataio.label_png import voc_palette
 
     pal = voc_palette()
     pad, header = 4, 16
@@ -173,10 +173,10 @@ def fingerprint(cfg: PredictSegConfig, segmenter_sha: str, ids: list[str], manif
 
 
 def _write_png_atomic(path: Path, mask: np.ndarray, palette: np.ndarray) -> None:
-    from artifacts.pseudo_masks import save_label_png
+    from dataio.label_png import save_mask_png
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    save_label_png(tmp, mask, palette)
+    save_mask_png(mask, tmp, palette=palette)
     os.replace(tmp, path)
 
 
@@ -186,7 +186,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json`` and the
     run-dependent figures written to ``timings`` (:mod:`core.timings`)."""
-    from artifacts.pseudo_masks import voc_palette
+    from dataio.label_png import voc_palette
     from method.crf import CRF_PRESETS
     from models.deeplab import load_segmenter
 

@@ -33,7 +33,7 @@ from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_
 from dataio import synthetic
 from dataio.dataset import SegDataset
 from dataio.files import IGNORE_INDEX
-from dataio.label_png import voc_colormap
+from dataio.label_png import voc_palette
 from dataio.manifest import from_config, write_manifest
 
 SPLITS = ("train", "val")
@@ -201,7 +201,7 @@ def _legend(ds: SegDataset, width: int, cmap: np.ndarray) -> np.ndarray:
 
 def write_preview(ds: SegDataset, ids: list[str], path: Path, tile: int = PREVIEW_TILE) -> None:
     """A grid of ``image | mask | context map`` tiles (VOC palette; context k shares class k-1's colour)."""
-    cmap = voc_colormap()
+    cmap = voc_palette()
     with_ctx = bool(ds.context_names)
     blank = np.full((tile, tile, 3), _BG_TILE, np.uint8)
     rows = []

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from artifacts.pseudo_masks import argmax_mask, mask_scores, read_cam_file
+from artifacts.cams import read_cam_file
 from core.config import ExportMasksConfig, InferCamConfig
+from method.mask_rule import argmax_mask, mask_scores
 from tasks.infer_cam import InferCamError, infer_dataset, infer_images, resolve_activation, scaled_size, split_maps
 
 CPU = torch.device("cpu")

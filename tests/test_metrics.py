@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from artifacts.pseudo_masks import CamRecord, PseudoMaskWriter, write_cam_file
+from artifacts.cams import CamRecord, write_cam_file
+from artifacts.pseudo_masks import PseudoMaskWriter
 from core.config import EvaluateConfig
 from method.metrics import (
     SegEvaluator,

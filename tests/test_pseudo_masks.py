@@ -15,19 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artifacts.pseudo_masks import (
-    FORMAT,
-    CamRecord,
-    PngMasks,
-    PseudoMaskError,
-    PseudoMasks,
-    PseudoMaskWriter,
-    export_png,
-    voc_palette,
-    write_cam_file,
-)
+from artifacts.cams import CamRecord, PseudoMaskError, write_cam_file
+from artifacts.pseudo_masks import FORMAT, PngMasks, PseudoMasks, PseudoMaskWriter, export_png
 from artifacts.pseudo_masks import main as pm_main
 from core.config import ExportMasksConfig
+from dataio.label_png import voc_palette
 from tasks.export_masks import ExportMasksError, export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +121,7 @@ def test_export_masks_matches_argmax_and_workers_agree(tmp_path):
     assert a["timing"]["images"] == len(ids)
     with PseudoMasks(tmp_path / "one.h5") as p1:
         assert "timing" not in p1.attrs and "created" not in p1.attrs   # nothing run-dependent in the file
-    from artifacts.pseudo_masks import read_cam_file
+    from artifacts.cams import read_cam_file
     with PseudoMasks(tmp_path / "one.h5") as p1, PseudoMasks(tmp_path / "two.h5") as p2:
         assert p1.ids == p2.ids == ids and p1.class_names == ["background", "a", "b", "c"]
         for i in ids:
@@ -241,8 +233,10 @@ def test_export_with_crf_and_size_check(tmp_path):
 
 
 def test_saliency_background_by_hand():
-    from artifacts.pseudo_masks import argmax_mask, mask_scores
-    # two present classes (0 and 2) on a 1x4 strip; saliency decides where the background ends
+    from method.mask_rule import (  # two present classes (0 and 2) on a 1x4 strip; saliency decides where the background ends
+        argmax_mask,
+        mask_scores,
+    )
     cams = np.array([[[0.9, 0.9, 0.2, 0.1]], [[0.1, 0.3, 0.6, 0.05]]], np.float32)
     rec = CamRecord(cams, np.array([0, 2]), None, (1, 4))
     sal = np.array([[1.0, 0.05, 0.7, 0.9]], np.float32)   # bg scores 0, 0.95, 0.3, 0.1
@@ -255,7 +249,7 @@ def test_saliency_background_by_hand():
 
 
 def test_export_with_saliency_background(tmp_path):
-    from artifacts.pseudo_masks import read_cam_file
+    from artifacts.cams import read_cam_file
     from artifacts.saliency_maps import load_saliency, write_map_atomic
     cams, ids = _cams_dir(tmp_path, method="cam")
     sal_dir = tmp_path / "saliency"

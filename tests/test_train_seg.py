@@ -351,8 +351,8 @@ def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
     fp = predict_seg.fingerprint(cfg, meta["sha256"], ids, tmp_path / "none.json")
     partial = tmp_path / "pred_state" / fp / "masks"
     partial.mkdir(parents=True)
-    from artifacts.pseudo_masks import save_label_png
-    save_label_png(partial / f"{ids[0]}.png", np.zeros((32, 32), np.uint8), None)
+    from dataio.label_png import save_mask_png
+    save_mask_png(np.zeros((32, 32), np.uint8), partial / f"{ids[0]}.png", palette=False)
     result = predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
                              state_dir=tmp_path / "pred_state", manifest=tmp_path / "none.json", progress=False)
     assert result["timing"]["predicted_this_run"] == 2 and len(PngMasks(tmp_path / "pred" / "masks")) == 3

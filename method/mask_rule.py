@@ -1,0 +1,47 @@
+"""The rule that turns an image's CAMs (and a background score) into a pseudo-mask.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from artifacts.cams import CamRecord, PseudoMaskError
+
+
+def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
+                saliency: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate scores ``(1 + P, H, W)`` and their mask values ``[0, c_1 + 1, ...]``.
+
+    ``background="threshold"``: the background score is the constant ``bg_threshold``
+    (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
+    ``"saliency"``: ``1 - saliency`` (``(H, W)`` in [0, 1]), the pixel-level saliency the
+    classifier was trained on, so a class wins where it is salient and its normalised CAM beats
+    the non-saliency; ``"auto"``: bgmap when the record has one, else threshold.
+    """
+    h, w = rec.size
+    if background == "auto":
+        background = "threshold" if rec.bg is None else "bgmap"
+    if background == "threshold":
+        bg = np.full((1, h, w), bg_threshold, dtype=np.float32)
+    elif background == "bgmap":
+        if rec.bg is None:
+            raise PseudoMaskError("background = bgmap needs the background map of an eps model; "
+                                  "these CAMs come from a model without one (use threshold)")
+        bg = rec.bg[None].astype(np.float32)
+    elif background == "saliency":
+        if saliency is None:
+            raise PseudoMaskError("background = saliency needs the image's saliency map")
+        if saliency.shape != (h, w):
+            raise PseudoMaskError(f"saliency map is {saliency.shape[1]}x{saliency.shape[0]} but the CAMs are "
+                                  f"{w}x{h}; rerun the saliency stage on this dataset")
+        bg = 1.0 - np.clip(saliency, 0.0, 1.0)[None].astype(np.float32)
+    else:
+        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap or saliency)")
+    scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
+    values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
+    return scores, values
+
+
+def argmax_mask(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """uint8 mask: the mask value of the highest score (ties go to the first, background)."""
+    return np.asarray(values, dtype=np.uint8)[np.argmax(scores, axis=0)]
