@@ -48,7 +48,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from core.parallel import parallel_map
 from dataio.label_png import save_mask_png
 from dataio.synthetic_layout import _DESIGNS, _SIZE_RANGE, _place_objects, _zone_box
 from dataio.synthetic_paint import _background, _Canvas, _context_region, _context_texture, _inner_outline, _paint_object, _paste
@@ -262,27 +262,10 @@ def write_dataset(cfg: Any, root: str | Path, *, workers: int = 1, progress: boo
         (root / sub).mkdir(parents=True, exist_ok=True)
     jobs = [(0, i) for i in range(cfg.num_train)] + [(1, i) for i in range(cfg.num_val)]
     work = functools.partial(_generate_one, cfg, str(root))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="generating synthetic images", unit="img", mininterval=0.5)
-    records: list[dict] = []
-    try:
-        if workers > 1 and len(jobs) > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ctx.Pool(workers) as pool:
-                for rec in pool.imap(work, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8)))):
-                    records.append(rec)
-                    if bar:
-                        bar.update()
-        else:
-            for job in jobs:
-                records.append(work(job))
-                if bar:
-                    bar.update()
-    finally:
-        if bar:
-            bar.close()
+    with parallel_map(work, jobs, workers=workers, progress=progress,
+                      chunksize=max(1, min(32, len(jobs) // (max(1, workers) * 8))),
+                      desc="generating synthetic images", mininterval=0.5) as generated:
+        records = list(generated)
 
     names = class_names(cfg.num_classes)
     for split in SPLITS:

@@ -22,9 +22,9 @@ Metric definitions live in :mod:`method.metrics`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
-import multiprocessing as mp
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +35,7 @@ from artifacts.cams import CamRecord, PseudoMaskError, cam_path, read_cam_file
 from artifacts.pseudo_masks import PseudoMasks, open_predictions
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig, load_params, stage_sections
+from core.parallel import parallel_map
 from dataio.label_png import voc_palette
 from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
 
@@ -255,40 +256,24 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
         sweep_ctx = [dict.fromkeys(context_class, 0) for _ in thresholds]   # FP_kc at each threshold
         init = (dataset, str(source), dataset.num_classes, context_class, cfg.boundary_tolerance,
                 thresholds, cams_arg)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(ids), desc="evaluate", unit="img")
-        pool = None
         try:
-            if cfg.workers > 1 and len(ids) > 1:
-                ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-                pool = ctx.Pool(min(cfg.workers, len(ids)), initializer=_init_worker, initargs=init)
-                results = pool.imap(_evaluate_one, ids, chunksize=max(1, min(32, len(ids) // (4 * cfg.workers))))
-            else:
-                _init_worker(*init, preds=preds)
-                results = map(_evaluate_one, ids)
-            for conf, bnd, ctx_fp, sweep in results:
-                acc.conf += conf
-                acc.boundary += bnd
-                for k, v in ctx_fp.items():
-                    acc.context_fp[k] += v
-                acc.images += 1
-                if sweep is not None:
-                    sweep_conf += sweep[0]
-                    for acc_t, fp_t in zip(sweep_ctx, sweep[1] or []):
-                        for k, v in fp_t.items():
-                            acc_t[k] += v
-                if bar is not None:
-                    bar.update(1)
+            with parallel_map(_evaluate_one, ids, workers=cfg.workers, initializer=_init_worker, initargs=init,
+                              local_initializer=functools.partial(_init_worker, *init, preds=preds),
+                              chunksize=max(1, min(32, len(ids) // (4 * max(1, cfg.workers)))),
+                              progress=progress, desc="evaluate") as results:
+                for conf, bnd, ctx_fp, sweep in results:
+                    acc.conf += conf
+                    acc.boundary += bnd
+                    for k, v in ctx_fp.items():
+                        acc.context_fp[k] += v
+                    acc.images += 1
+                    if sweep is not None:
+                        sweep_conf += sweep[0]
+                        for acc_t, fp_t in zip(sweep_ctx, sweep[1] or []):
+                            for k, v in fp_t.items():
+                                acc_t[k] += v
         except PseudoMaskError as e:
             raise EvaluateError(str(e)) from None
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            if bar is not None:
-                bar.close()
         summary = acc.summary()
         names = ["background", *dataset.class_names]
         ctx_names = list(getattr(dataset, "context_names", []) or [])

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from artifacts.cams import PseudoMaskError, cam_path, read_cam_file, read_cams_m
 from artifacts.pseudo_masks import PseudoMaskWriter
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, load_params, result_params, stage_sections
+from core.parallel import parallel_map
 from core.timings import timings_path, write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
 from method.mask_rule import argmax_mask, mask_scores
@@ -190,28 +190,17 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
     }
     init_args = (cfg, str(cams_dir), dataset, str(manifest) if manifest else None,
                  str(saliency_dir) if saliency_dir else None)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(ids), desc="export_masks" + (" (crf)" if cfg.crf else ""), unit="img")
     t0 = time.perf_counter()
     busy = 0.0
-    pool = None
     try:
         with atomic_path(out_path) as tmp, \
-                PseudoMaskWriter(tmp, list(meta["class_names"]), attrs, compression=cfg.compression) as writer:
-            if cfg.workers > 1 and len(ids) > 1:
-                ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-                pool = ctx.Pool(min(cfg.workers, len(ids)), initializer=_init_worker, initargs=init_args)
-                results = pool.imap(_process, ids, chunksize=max(1, min(16, len(ids) // (4 * cfg.workers))))
-            else:
-                _init_worker(*init_args)
-                results = map(_process, ids)
+                PseudoMaskWriter(tmp, list(meta["class_names"]), attrs, compression=cfg.compression) as writer, \
+                parallel_map(_process, ids, workers=cfg.workers, initializer=_init_worker, initargs=init_args,
+                             chunksize=max(1, min(16, len(ids) // (4 * max(1, cfg.workers)))), progress=progress,
+                             desc="export_masks" + (" (crf)" if cfg.crf else "")) as results:
             for n, (image_id, mask, cams, classes, bg, seconds) in enumerate(results, start=1):
                 writer.add(image_id, mask, cams=cams, classes=classes, bg=bg)
                 busy += seconds
-                if bar is not None:
-                    bar.update(1)
                 if on_image is not None:
                     on_image(n)
             wall = time.perf_counter() - t0
@@ -222,12 +211,6 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
             attrs = dict(attrs, timing=timing)  # returned, never in the file: its bytes depend on the inputs only
     except PseudoMaskError as e:
         raise ExportMasksError(str(e)) from None
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if bar is not None:
-            bar.close()
     return attrs
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sys
@@ -41,7 +40,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -59,6 +58,7 @@ from assets import isnet_model
 from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.atomic import write_text_atomic
 from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
+from core.parallel import parallel_map
 
 FINGERPRINT_FILE = ".fingerprint.json"
 FINGERPRINT_FORMAT = 1
@@ -473,34 +473,21 @@ def _process(image_id: str) -> MapResult:
 
 def compute_maps(ctx: _WorkerContext, ids: Sequence[str], workers: int, *, progress: bool = True,
                  on_result: Callable[[MapResult], None] | None = None) -> dict[str, MapResult]:
-    """Run :func:`process_one` over ``ids`` in ``workers`` processes (1 = here), with a progress bar."""
-    from tqdm import tqdm
+    """Run :func:`process_one` over ``ids`` in ``workers`` processes (1 = here), with a progress bar.
 
+    Worker processes are spawned: onnxruntime's thread pools do not survive a fork.
+    """
     results: dict[str, MapResult] = {}
-    bar = tqdm(total=len(ids), desc=f"saliency ({ctx.spec.backend})", unit="img", disable=not progress,
-               mininterval=1.0, smoothing=0.05)
     try:
-        if workers <= 1 or len(ids) <= 1:
-            _init_worker(ctx)
-            iterator: Iterable[MapResult] = (process_one(ctx, i) for i in ids)
-            pool = None
-        else:
-            # spawn: onnxruntime's thread pools do not survive fork
-            pool = mp.get_context("spawn").Pool(min(workers, len(ids)), initializer=_init_worker, initargs=(ctx,))
-            chunk = max(1, min(8, len(ids) // (workers * 16)))  # small chunks: smooth progress
-            iterator = pool.imap_unordered(_process, ids, chunksize=chunk)
-        try:
-            for res in iterator:
+        with parallel_map(_process, ids, workers=workers, initializer=_init_worker, initargs=(ctx,),
+                          start_method="spawn", ordered=False, progress=progress,
+                          chunksize=max(1, min(8, len(ids) // (max(1, workers) * 16))),  # small chunks: smooth progress
+                          desc=f"saliency ({ctx.spec.backend})", mininterval=1.0, smoothing=0.05) as maps:
+            for res in maps:
                 results[res.image_id] = res
                 if on_result is not None:
                     on_result(res)
-                bar.update(1)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
     finally:
-        bar.close()
         _CONTEXT.clear()
     return results
 
