@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import InferCamConfig  # noqa: E402
+from core.paths import MANIFEST, SALIENCY_DIR
 from method.crf import CRF_PRESETS, crf_argmax  # noqa: E402
 from method.mask_rule import mask_scores  # noqa: E402
 from tasks.infer_cam import infer_images, select_device  # noqa: E402
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--table", nargs="+", metavar="NAME=CAMS_DIR",
                     help="print the pseudo-mask table for these infer_cam outputs instead of timing inference")
     ap.add_argument("--params", default="params.yaml", help="--table: export_masks / evaluate params")
-    ap.add_argument("--saliency-dir", default="data/saliency", help="--table: saliency for report.png")
+    ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="--table: saliency for report.png")
     ap.add_argument("--workdir", default="", help="--table: where the exports go (default: a temp folder)")
     args = ap.parse_args(argv)
     if args.table:
-        pseudo_mask_table(args.table, args.manifest or "data/prepared/dataset.json", args.params,
+        pseudo_mask_table(args.table, args.manifest or MANIFEST, args.params,
                           args.saliency_dir, args.workdir or None)
         return 0
 

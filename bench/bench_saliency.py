@@ -28,6 +28,7 @@ import cv2  # noqa: E402
 
 from artifacts.saliency_maps import map_histograms, saliency_scores  # noqa: E402
 from assets import isnet_model  # noqa: E402
+from core.paths import MANIFEST  # noqa: E402
 from dataio.manifest import open_dataset  # noqa: E402
 from dataio.voc import VOCDataset  # noqa: E402
 from tasks.saliency import OnnxSaliency, OpenCVSaliency, onnx_providers  # noqa: E402
@@ -57,7 +58,7 @@ def bench_backend(name: str, backend, dataset, ids: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--manifest", default="data/prepared/dataset.json", help="dataset manifest (default embedded)")
+    src.add_argument("--manifest", default=MANIFEST, help="dataset manifest (default embedded)")
     src.add_argument("--voc-real", action="store_true", help="the 4 real VOC photos (python tests/voc_fixture.py)")
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=40, help="images of the split (0 = all)")

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.config import Params, build, load_params, to_dict  # noqa: E402
+from core.paths import MANIFEST  # noqa: E402
 
 
 def _override(params: Params, sets: list[str]) -> Params:
@@ -46,7 +47,7 @@ def _override(params: Params, sets: list[str]) -> Params:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
-    ap.add_argument("--manifest", default=str(REPO / "data/prepared/dataset.json"))
+    ap.add_argument("--manifest", default=str(REPO / MANIFEST))
     ap.add_argument("--masks", action="append", default=[], metavar="NAME=FILE.h5",
                     help="a pseudo-mask file to train on (repeatable)")
     ap.add_argument("--gt", action="store_true", help="also train on the ground-truth masks (upper bound)")

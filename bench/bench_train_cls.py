@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from core.paths import MANIFEST, SALIENCY_DIR
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,8 +44,8 @@ def _override(params: dict, assignment: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
-    ap.add_argument("--manifest", default=str(REPO / "data/prepared/dataset.json"))
-    ap.add_argument("--saliency-dir", default=str(REPO / "data/saliency"))
+    ap.add_argument("--manifest", default=str(REPO / MANIFEST))
+    ap.add_argument("--saliency-dir", default=str(REPO / SALIENCY_DIR))
     ap.add_argument("--methods", nargs="+", default=["eps", "cam"], choices=("eps", "cam"))
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="params override, e.g. train_cls.iterations=200 (repeatable)")

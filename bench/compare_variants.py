@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from core.paths import EVAL_PSEUDO_METRICS, EVAL_SEG_METRICS, MODELS_STATE, TRAIN_CLS_METRICS
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = (
     "eps",
@@ -80,7 +82,7 @@ def make_copy(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     cache = REPO / ".dvc" / "cache"
     (dest / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
-    for asset in (".state/models",):  # fetched once by `make assets`, never copied into git
+    for asset in (MODELS_STATE,):  # fetched once by `make assets`, never copied into git
         if (REPO / asset).is_dir():
             (dest / asset).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(REPO / asset, dest / asset)
@@ -91,11 +93,11 @@ def read_json(path: Path) -> dict:
 
 
 def collect(run: Path) -> dict:
-    cls = read_json(run / "data/train_cls/live/metrics.json")
+    cls = read_json(run / TRAIN_CLS_METRICS)
     # timings (core.timings) exist only where the stage ran in this copy, not where DVC restored it
     cls_perf = read_json(run / "data/timings/train_cls.json").get("perf", {})
-    pseudo = read_json(run / "data/metrics/eval_pseudo.json")
-    seg = read_json(run / "data/metrics/eval_seg.json")
+    pseudo = read_json(run / EVAL_PSEUDO_METRICS)
+    seg = read_json(run / EVAL_SEG_METRICS)
     return {
         "val_mAP": cls.get("val", {}).get("mAP"),
         "s_per_iter": cls_perf.get("sec_per_iter"),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.saliency_maps import load_saliency  # noqa: E402
+from core.paths import CLASSIFIER, MANIFEST, SALIENCY_DIR
 from dataio.manifest import open_dataset  # noqa: E402
 from models.classifier import load_classifier  # noqa: E402
 from models.losses import overlap_ratio, resize_saliency  # noqa: E402
@@ -32,9 +33,9 @@ from models.losses import overlap_ratio, resize_saliency  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", default="data/train_cls/classifier.pt")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--saliency-dir", default="data/saliency")
+    ap.add_argument("--checkpoint", default=CLASSIFIER)
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--saliency-dir", default=SALIENCY_DIR)
     ap.add_argument("--split", default="train")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--tau", type=float, default=0.4)

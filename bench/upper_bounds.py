@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
 from core.config import load_params  # noqa: E402
+from core.paths import MANIFEST, SALIENCY_DIR
 from dataio.manifest import open_dataset  # noqa: E402
 from method.metrics import SegEvaluator  # noqa: E402
 
@@ -68,8 +69,8 @@ def saliency_background_oracle(gt: np.ndarray, saliency: np.ndarray) -> np.ndarr
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--saliency-dir", default="data/saliency")
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--saliency-dir", default=SALIENCY_DIR)
     ap.add_argument("--split", default="train")
     ap.add_argument("--json", default="", help="also write the bounds as JSON here")
     ap.add_argument("--write-gt-saliency", default="", metavar="DIR",

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from core.atomic import write_text_atomic
+from core.paths import TIMINGS_DIR
 
-TIMINGS_DIR = Path("data/timings")
+TIMINGS_DIR = Path(TIMINGS_DIR)
 
 
 def timings_path(stage: str, root: str | Path = TIMINGS_DIR) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import write_text_atomic
+from core.paths import MANIFEST, SYNTHETIC_DIR
 from dataio.coco import COCODataset
 from dataio.dataset import SegDataset
 from dataio.files import DatasetError, _resolve
@@ -22,7 +23,7 @@ from dataio.voc import VOCDataset
 
 
 def from_config(cfg: Any, base_dir: str | Path = ".", *,
-                synthetic_root: str | Path = "data/prepared/synthetic") -> SegDataset:
+                synthetic_root: str | Path = SYNTHETIC_DIR) -> SegDataset:
     """The reader params.yaml's ``dataset`` section describes (a :class:`core.config.DatasetConfig`).
 
     ``kind: voc`` / ``coco``: ``cfg.root`` relative to ``base_dir`` (the project root). A relative
@@ -52,7 +53,7 @@ def from_config(cfg: Any, base_dir: str | Path = ".", *,
     return VOCDataset(root, splits=splits, mask_dir=cfg.mask_dir, labels=labels, class_names=names)
 
 
-def write_manifest(dataset: SegDataset, manifest_path: str | Path = "data/prepared/dataset.json", *,
+def write_manifest(dataset: SegDataset, manifest_path: str | Path = MANIFEST, *,
                    project_dir: str | Path = ".") -> Path:
     """Record ``dataset`` in the manifest every later stage opens; returns its path.
 
@@ -70,7 +71,7 @@ def write_manifest(dataset: SegDataset, manifest_path: str | Path = "data/prepar
     return manifest_path
 
 
-def open_dataset(manifest_path: str | Path = "data/prepared/dataset.json") -> SegDataset:
+def open_dataset(manifest_path: str | Path = MANIFEST) -> SegDataset:
     """The dataset ``prepare`` recorded; relative paths are resolved against the manifest's folder."""
     manifest_path = Path(manifest_path)
     if not manifest_path.is_file():

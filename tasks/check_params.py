@@ -15,8 +15,9 @@ import sys
 
 from core.atomic import write_text_atomic
 from core.config import load_params
+from core.paths import PARAMS_CHECKED
 
-OUTPUT = "data/params_checked.txt"
+OUTPUT = PARAMS_CHECKED
 CONTENT = "params validated by tasks.check_params\n"   # constant: downstream stages see no change
 
 

@@ -36,6 +36,7 @@ from artifacts.pseudo_masks import PseudoMasks, open_predictions
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig, load_params, stage_sections
 from core.parallel import parallel_map
+from core.paths import CAMS_DIR, EVAL_DIR, EVAL_PSEUDO_METRICS, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, THRESHOLD_SWEEP_PLOT
 from dataio.label_png import voc_palette
 from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
 
@@ -393,11 +394,11 @@ def _report_cams(cams_arg: str | None, preds):
     return source
 
 
-def run(cfg: EvaluateConfig, *, predictions: str | Path = "data/pseudo_masks.h5",
-        manifest: str | Path = "data/prepared/dataset.json", cams_dir: str | Path | None = "data/cams",
-        saliency_dir: str | Path | None = "data/saliency", out_dir: str | Path = "data/eval",
-        metrics_path: str | Path = "data/metrics/eval_pseudo.json",
-        plots_path: str | Path | None = "data/plots/eval_pseudo_threshold_sweep.csv",
+def run(cfg: EvaluateConfig, *, predictions: str | Path = PSEUDO_MASKS,
+        manifest: str | Path = MANIFEST, cams_dir: str | Path | None = CAMS_DIR,
+        saliency_dir: str | Path | None = SALIENCY_DIR, out_dir: str | Path = EVAL_DIR,
+        metrics_path: str | Path = EVAL_PSEUDO_METRICS,
+        plots_path: str | Path | None = THRESHOLD_SWEEP_PLOT,
         splits: Sequence[str] | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and the predictions, evaluate, write the outputs."""
     from dataio.manifest import open_dataset
@@ -410,14 +411,14 @@ def run(cfg: EvaluateConfig, *, predictions: str | Path = "data/pseudo_masks.h5"
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--predictions", default="data/pseudo_masks.h5",
+    ap.add_argument("--predictions", default=PSEUDO_MASKS,
                     help="pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--cams", default="data/cams", help="CAM folder for the sweep and report ('' = none)")
-    ap.add_argument("--saliency-dir", default="data/saliency", help="saliency maps for the report ('' = none)")
-    ap.add_argument("--out", default="data/eval")
-    ap.add_argument("--metrics", default="data/metrics/eval_pseudo.json")
-    ap.add_argument("--plots", default="data/plots/eval_pseudo_threshold_sweep.csv")
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--cams", default=CAMS_DIR, help="CAM folder for the sweep and report ('' = none)")
+    ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps for the report ('' = none)")
+    ap.add_argument("--out", default=EVAL_DIR)
+    ap.add_argument("--metrics", default=EVAL_PSEUDO_METRICS)
+    ap.add_argument("--plots", default=THRESHOLD_SWEEP_PLOT)
     ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
     args = ap.parse_args(argv)
     try:

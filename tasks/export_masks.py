@@ -30,6 +30,7 @@ from artifacts.pseudo_masks import PseudoMaskWriter
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, load_params, result_params, stage_sections
 from core.parallel import parallel_map
+from core.paths import CAMS_DIR, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR
 from core.timings import timings_path, write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
 from method.mask_rule import argmax_mask, mask_scores
@@ -214,9 +215,9 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
     return attrs
 
 
-def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = "data/cams",
-        manifest: str | Path = "data/prepared/dataset.json", out_path: str | Path = "data/pseudo_masks.h5",
-        saliency_dir: str | Path = "data/saliency", timings: str | Path | None = None,
+def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = CAMS_DIR,
+        manifest: str | Path = MANIFEST, out_path: str | Path = PSEUDO_MASKS,
+        saliency_dir: str | Path = SALIENCY_DIR, timings: str | Path | None = None,
         progress: bool = True) -> dict:
     """The stage: check the inputs, then write ``out_path`` (timings to ``timings``: :mod:`core.timings`)."""
     dataset = None
@@ -234,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timings", default=str(timings_path("export_masks")),
                     help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--cams", default="data/cams")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--out", default="data/pseudo_masks.h5")
-    ap.add_argument("--saliency-dir", default="data/saliency", help="saliency maps (background: saliency)")
+    ap.add_argument("--cams", default=CAMS_DIR)
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--out", default=PSEUDO_MASKS)
+    ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps (background: saliency)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, sections=stage_sections("export_masks"))

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import write_text_atomic
+from core.paths import EVAL_PSEUDO_METRICS, EVAL_SEG_METRICS, HEADLINE_METRICS, TRAIN_CLS_METRICS
 
-SOURCES = {"train_cls": "data/train_cls/live/metrics.json", "pseudo": "data/metrics/eval_pseudo.json",
-           "seg": "data/metrics/eval_seg.json"}
-OUTPUT = "data/metrics/headline.json"
+SOURCES = {"train_cls": TRAIN_CLS_METRICS, "pseudo": EVAL_PSEUDO_METRICS,
+           "seg": EVAL_SEG_METRICS}
+OUTPUT = HEADLINE_METRICS
 
 
 def _read(path: str | Path) -> dict:

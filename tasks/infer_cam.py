@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 from artifacts.cams import CamRecord, cam_path, write_cam_file
 from core.config import InferCamConfig, load_params, result_params, stage_sections
+from core.paths import CAMS_DIR, CLASSIFIER, MANIFEST
 from core.timings import timings_path, write_timings
 
 FORMAT_VERSION = 1
@@ -399,8 +400,8 @@ def infer_dataset(cfg: InferCamConfig, dataset: ImageSource, model: torch.nn.Mod
                                 "resumed_images": len(ids) - len(todo)})
 
 
-def run(cfg: InferCamConfig, *, manifest: str | Path = "data/prepared/dataset.json",
-        checkpoint: str | Path = "data/train_cls/classifier.pt", out_dir: str | Path = "data/cams",
+def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
+        checkpoint: str | Path = CLASSIFIER, out_dir: str | Path = CAMS_DIR,
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """The stage: open the dataset and classifier, check them, infer, write ``out_dir`` (and the
     run-dependent figures to ``timings``, :mod:`core.timings`)."""
@@ -425,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timings", default=str(timings_path("infer_cam")),
                     help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--checkpoint", default="data/train_cls/classifier.pt")
-    ap.add_argument("--out", default="data/cams")
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--checkpoint", default=CLASSIFIER)
+    ap.add_argument("--out", default=CAMS_DIR)
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, sections=stage_sections("infer_cam"))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from core.atomic import atomic_path
 from core.config import PredictSegConfig, load_params, result_params, stage_sections
+from core.paths import MANIFEST, PREDICT_DIR, PREDICT_SEG_STATE, SEGMENTER
 from core.timings import timings_path, write_timings
 
 IGNORE = 255
@@ -180,9 +181,9 @@ def _write_png_atomic(path: Path, mask: np.ndarray, palette: np.ndarray) -> None
     os.replace(tmp, path)
 
 
-def run(cfg: PredictSegConfig, *, manifest: str | Path = "data/prepared/dataset.json",
-        segmenter: str | Path = "data/train_seg/segmenter.pt", out_dir: str | Path = "data/predict_seg",
-        state_dir: str | Path = ".state/predict_seg", reader: SegImages | None = None,
+def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
+        segmenter: str | Path = SEGMENTER, out_dir: str | Path = PREDICT_DIR,
+        state_dir: str | Path = PREDICT_SEG_STATE, reader: SegImages | None = None,
         timings: str | Path | None = None, progress: bool = True) -> dict:
     """Predict every image of ``cfg.split``; returns the metadata written to ``meta.json`` and the
     run-dependent figures written to ``timings`` (:mod:`core.timings`)."""
@@ -260,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timings", default=str(timings_path("predict_seg")),
                     help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--segmenter", default="data/train_seg/segmenter.pt")
-    ap.add_argument("--out", default="data/predict_seg")
-    ap.add_argument("--state-dir", default=".state/predict_seg", help="partial predictions (resume)")
+    ap.add_argument("--manifest", default=MANIFEST)
+    ap.add_argument("--segmenter", default=SEGMENTER)
+    ap.add_argument("--out", default=PREDICT_DIR)
+    ap.add_argument("--state-dir", default=PREDICT_SEG_STATE, help="partial predictions (resume)")
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, sections=stage_sections("predict_seg"))

@@ -30,6 +30,7 @@ from PIL import Image
 
 from core.atomic import atomic_path
 from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params, stage_sections
+from core.paths import PREPARE_METRICS, PREPARED_DIR
 from dataio import synthetic
 from dataio.dataset import SegDataset
 from dataio.files import IGNORE_INDEX
@@ -269,8 +270,8 @@ def _remove_stale_temporaries(out_dir: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def run(params: Params, out_dir: str | Path = "data/prepared",
-        metrics_path: str | Path = "data/metrics/prepare.json", *, project_dir: str | Path = ".",
+def run(params: Params, out_dir: str | Path = PREPARED_DIR,
+        metrics_path: str | Path = PREPARE_METRICS, *, project_dir: str | Path = ".",
         workers: int | None = None, progress: bool = True) -> dict:
     """The stage; returns the metrics written to ``metrics_path``.
 
@@ -308,8 +309,8 @@ def _summary(metrics: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default="data/prepared")
-    ap.add_argument("--metrics", default="data/metrics/prepare.json")
+    ap.add_argument("--out", default=PREPARED_DIR)
+    ap.add_argument("--metrics", default=PREPARE_METRICS)
     args = ap.parse_args(argv)
     start = time.perf_counter()
     try:

@@ -60,6 +60,7 @@ from core.atomic import write_text_atomic
 from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
 from core.hashing import file_sha256
 from core.parallel import parallel_map
+from core.paths import MANIFEST, SALIENCY_DIR, SALIENCY_METRICS
 
 FINGERPRINT_FILE = ".fingerprint.json"
 FINGERPRINT_FORMAT = 1
@@ -507,8 +508,8 @@ class RunSummary:
     images_per_s: float = field(default=0.0)
 
 
-def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = "data/saliency",
-        metrics_path: str | Path | None = "data/metrics/saliency.json", *, project_dir: str | Path = ".",
+def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
+        metrics_path: str | Path | None = SALIENCY_METRICS, *, project_dir: str | Path = ".",
         state_dir: str | Path = isnet_model.STATE_DIR, progress: bool = True,
         print_fn: Callable[[str], None] = print) -> RunSummary:
     """The stage: check inputs, compute the maps (resuming an interrupted run), score, publish.
@@ -581,9 +582,9 @@ def _publish(partial: Path, out_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tasks.saliency", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json", help="dataset manifest from prepare")
-    ap.add_argument("--out", default="data/saliency")
-    ap.add_argument("--metrics", default="data/metrics/saliency.json")
+    ap.add_argument("--manifest", default=MANIFEST, help="dataset manifest from prepare")
+    ap.add_argument("--out", default=SALIENCY_DIR)
+    ap.add_argument("--metrics", default=SALIENCY_METRICS)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     from dataio.files import DatasetError

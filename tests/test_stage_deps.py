@@ -77,3 +77,14 @@ def test_check_params_stage_names_the_bad_key(tmp_path, capsys):
     first = out.read_bytes()
     assert check_params.main(["--params", str(REPO / "params.yaml"), "--out", str(out)]) == 0
     assert out.read_bytes() == first                        # constant: downstream stages never rerun for it
+
+
+def test_every_data_path_in_dvc_yaml_is_one_of_core_paths():
+    """One source per path: a path dvc.yaml names under data/ is spelled as in core/paths.py."""
+    from core import paths
+
+    known = {v for k, v in vars(paths).items() if k.isupper()}
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    named = {(e if isinstance(e, str) else next(iter(e)))
+             for st in stages.values() for key in ("deps", "outs", "metrics", "plots") for e in st.get(key) or []}
+    assert {p for p in named if p.startswith("data/")} - known == set()
