@@ -96,10 +96,10 @@ class SaliencyConfig:
     model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
-    input_size: int = knob(1024, range=(32, 4096),
+    input_size: int = knob(512, range=(32, 4096),
                            doc="square network input side (onnx/isnet); a model traced at another fixed size "
-                               "is re-specialised to it. IS-Net: 1024 (its training size, ~5 CPU-s/image) for "
-                               "real photos; the embedded dataset's params.yaml uses 320 (~0.5 CPU-s/image)")
+                               "is re-specialised to it. IS-Net was trained at 1024 (configs/voc12.yaml uses it "
+                               "for real photos); 512 suits the embedded 128-px images at a quarter of the cost")
     mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255]")
     std: list[float] = knob([256.0, 256.0, 256.0], doc="IS-Net: (x - 128) / 256")
     channel_order: str = knob("rgb", choices=("rgb", "bgr"), doc="channel order the onnx model expects")
@@ -221,20 +221,20 @@ class TrainSegConfig:
     largefov_rate: int = knob(12, range=(1, 64), doc="fc6 dilation of the largefov head (DeepLab-v1: 12)")
     largefov_channels: int = knob(1024, range=(1, 8192), doc="fc6/fc7 width of the largefov head")
     dropout: float = knob(0.5, range=(0.0, 0.9), doc="dropout after fc6 and fc7 (largefov head)")
-    aspp_rates: list[int] = knob([6, 12, 18, 24], doc="dilations of the aspp branches (DeepLab-v2: 6 12 18 24)")
+    aspp_rates: list[int] = knob([1, 2, 3, 4], doc="dilations of the aspp branches (DeepLab-v2 on VOC: 6 12 18 24)")
     freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
-    iterations: int = knob(1000, range=(1, None))
-    batch_size: int = knob(10, range=(1, None), doc="global batch (split over DDP processes)")
-    lr: float = knob(2.5e-4, range=(0.0, None), doc="backbone learning rate (poly decay)")
+    iterations: int = knob(600, range=(1, None))
+    batch_size: int = knob(8, range=(1, None), doc="global batch (split over DDP processes)")
+    lr: float = knob(0.01, range=(0.0, None), doc="backbone learning rate (poly decay; DeepLab on VOC: 2.5e-4)")
     head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the head")
     momentum: float = knob(0.9, range=(0.0, 1.0))
     weight_decay: float = knob(5e-4, range=(0.0, None))
     poly_power: float = knob(0.9, range=(0.0, None))
-    grad_clip: float = knob(0.0, range=(0.0, None),
+    grad_clip: float = knob(1.0, range=(0.0, None),
                             doc="max global gradient norm; 0 = no clipping (DeepLab). Keeps the frozen-BN "
                                 "ReLU6 features of EfficientNet alive in the first iterations")
-    crop_size: int = knob(321, range=(16, 4096))
-    scale_range: list[float] = knob([0.5, 1.5], doc="random rescale factor drawn from [min, max]")
+    crop_size: int = knob(128, range=(16, 4096), doc="training crop side (DeepLab on VOC: 321)")
+    scale_range: list[float] = knob([1.0, 2.0], doc="random rescale factor drawn from [min, max] (VOC: 0.5 1.5)")
     flip: bool = knob(True, doc="random horizontal flip")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
@@ -265,7 +265,7 @@ class PredictSegConfig:
     """Segmenter predictions on a split: multi-scale + flip, optional dense CRF."""
 
     split: str = knob("val", choices=("train", "val"), doc="logical split to predict")
-    scales: list[float] = knob([0.75, 1.0, 1.25], doc="test scales; softmax scores are averaged")
+    scales: list[float] = knob([1.25, 1.5, 1.75], doc="test scales; softmax scores are averaged (VOC: 0.75 1 1.25)")
     flip: bool = knob(True, doc="also average the horizontally flipped image")
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
@@ -312,7 +312,7 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("auto", choices=("auto", "threshold", "bgmap", "saliency"),
+    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency"),
                            doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
                                "background probability (eps models only); saliency = 1 - the saliency map at "
                                "image size; auto = bgmap when the CAMs carry one, else threshold")

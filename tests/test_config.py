@@ -1,5 +1,6 @@
 """params.yaml is validated before any stage runs; errors name the dotted key."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,18 @@ def test_missing_and_malformed_file(tmp_path):
     bad.write_text("prepare: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_the_dataclass_defaults_are_the_values_in_params_yaml():
+    """One default per knob: a section built from an empty mapping equals the one params.yaml gives."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    given = load_params(REPO / "params.yaml")
+    for field in dataclasses.fields(Params):
+        section = getattr(Params(), field.name)
+        if not dataclasses.is_dataclass(section):
+            assert section == getattr(given, field.name), field.name
+            continue
+        for knob_field in dataclasses.fields(section):
+            if knob_field.name in (raw.get(field.name) or {}):
+                assert getattr(section, knob_field.name) == getattr(getattr(given, field.name), knob_field.name), \
+                    f"{field.name}.{knob_field.name}"

@@ -138,7 +138,7 @@ def test_export_masks_matches_argmax_and_workers_agree(tmp_path):
 def test_auto_background_uses_the_background_map_when_there_is_one(tmp_path, method):
     cams, ids = _cams_dir(tmp_path, method=method)
     expected_mode = "bgmap" if method == "eps" else "threshold"
-    auto = export(ExportMasksConfig(workers=1), cams, tmp_path / "auto.h5", progress=False)
+    auto = export(ExportMasksConfig(background="auto", workers=1), cams, tmp_path / "auto.h5", progress=False)
     export(ExportMasksConfig(background=expected_mode, workers=1), cams, tmp_path / "explicit.h5", progress=False)
     assert auto["background"] == expected_mode
     with PseudoMasks(tmp_path / "auto.h5") as a, PseudoMasks(tmp_path / "explicit.h5") as b:
@@ -157,15 +157,15 @@ def test_missing_cams_are_reported_before_work(tmp_path):
     cams, ids = _cams_dir(tmp_path)
     (cams / f"{ids[2]}.npz").unlink()
     with pytest.raises(ExportMasksError, match="1 CAM file"):
-        export(ExportMasksConfig(workers=1), cams, tmp_path / "x.h5", progress=False)
+        export(ExportMasksConfig(background="auto", workers=1), cams, tmp_path / "x.h5", progress=False)
     with pytest.raises(ExportMasksError, match="run the infer_cam stage"):
-        export(ExportMasksConfig(workers=1), tmp_path / "nothing", tmp_path / "x.h5", progress=False)
+        export(ExportMasksConfig(background="auto", workers=1), tmp_path / "nothing", tmp_path / "x.h5", progress=False)
 
 
 def test_failed_export_keeps_the_previous_file(tmp_path):
     cams, _ = _cams_dir(tmp_path)
     out = tmp_path / "pm.h5"
-    export(ExportMasksConfig(workers=1), cams, out, progress=False)
+    export(ExportMasksConfig(background="auto", workers=1), cams, out, progress=False)
     before = out.read_bytes()
 
     def boom(n):
@@ -173,7 +173,7 @@ def test_failed_export_keeps_the_previous_file(tmp_path):
             raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        export(ExportMasksConfig(workers=1, bg_threshold=0.9), cams, out, progress=False, on_image=boom)
+        export(ExportMasksConfig(background="auto", workers=1, bg_threshold=0.9), cams, out, progress=False, on_image=boom)
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".pm.h5")] == []
 
@@ -186,7 +186,7 @@ def slow(n):
     if n == 1:
         print("writing", flush=True)
     time.sleep(0.5)
-export(ExportMasksConfig(workers=1), sys.argv[1], sys.argv[2], progress=False, on_image=slow)
+export(ExportMasksConfig(background="auto", workers=1), sys.argv[1], sys.argv[2], progress=False, on_image=slow)
 """
 
 
@@ -222,13 +222,13 @@ class _RGB:
 
 def test_export_with_crf_and_size_check(tmp_path):
     cams, ids = _cams_dir(tmp_path, n=2)
-    attrs = export(ExportMasksConfig(workers=2, crf=True, crf_preset="psa"), cams, tmp_path / "crf.h5",
+    attrs = export(ExportMasksConfig(background="auto", workers=2, crf=True, crf_preset="psa"), cams, tmp_path / "crf.h5",
                    dataset=_RGB((12, 16)), progress=False)
     assert attrs["crf"]["preset"] == "psa" and attrs["crf"]["bilateral_xy"] == 80.0
     with PseudoMasks(tmp_path / "crf.h5") as pm:
         assert set(np.unique(pm.mask(ids[0]))) <= {0, 1, 3}
     with pytest.raises(ExportMasksError, match="rerun infer_cam"):
-        export(ExportMasksConfig(workers=1, crf=True), cams, tmp_path / "bad.h5", dataset=_RGB((13, 16)),
+        export(ExportMasksConfig(background="auto", workers=1, crf=True), cams, tmp_path / "bad.h5", dataset=_RGB((13, 16)),
                progress=False)
 
 
