@@ -21,27 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.config import Params, build, load_params, to_dict  # noqa: E402
+from core.overrides import apply_overrides, parse_assignment  # noqa: E402
 from core.paths import MANIFEST  # noqa: E402
-
-
-def _override(params: Params, sets: list[str]) -> Params:
-    data = to_dict(params)
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects key=value, got {item!r}")
-        node = data
-        *path, leaf = key.split(".")
-        for k in path:
-            node = node[k]
-        node[leaf] = yaml.safe_load(value)
-    return build(Params, data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import predict_seg, train_seg
     from tasks.evaluate import evaluate
 
-    params = _override(load_params(args.params), args.set)
+    params = build(Params, apply_overrides(to_dict(load_params(args.params)), map(parse_assignment, args.set)))
     sources = []
     for item in args.masks:
         name, sep, path = item.partition("=")

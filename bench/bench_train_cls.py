@@ -25,20 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from core.overrides import apply_overrides, parse_assignment
 from core.paths import MANIFEST, SALIENCY_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _override(params: dict, assignment: str) -> None:
-    key, _, value = assignment.partition("=")
-    if not _:
-        raise SystemExit(f"--set expects section.key=value, got {assignment!r}")
-    *path, last = key.split(".")
-    node = params
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in args.methods:
         params = yaml.safe_load(Path(args.params).read_text())
-        for s in args.set:
-            _override(params, s)
+        apply_overrides(params, map(parse_assignment, args.set))
         params["train_cls"]["method"] = method
         run_dir = out / method
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,13 @@ from pathlib import Path
 
 import yaml
 
-from core.paths import EVAL_PSEUDO_METRICS, EVAL_SEG_METRICS, MODELS_STATE, TRAIN_CLS_METRICS
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from core.config import ConfigError  # noqa: E402
+from core.overrides import apply_overrides, parse_assignments  # noqa: E402
+from core.paths import EVAL_PSEUDO_METRICS, EVAL_SEG_METRICS, MODELS_STATE, TRAIN_CLS_METRICS  # noqa: E402
+
 DEFAULT_VARIANTS = (
     "eps",
     "eps_crf:export_masks.crf=true",
@@ -46,26 +50,18 @@ def parse_variant(spec: str) -> tuple[str, list[tuple[list[str], object]]]:
     name, _, rest = spec.partition(":")
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise SystemExit(f"--variant {spec!r}: the name must be letters, digits, '_' or '-'")
-    sets = []
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or "." not in key:
-            raise SystemExit(f"--variant {spec!r}: expected section.key=value, got {item!r}")
-        sets.append((key.split("."), yaml.safe_load(value)))
-    return name, sets
+    try:
+        return name, parse_assignments(rest)
+    except ConfigError as e:
+        raise SystemExit(f"--variant {spec!r}: {e}") from None
 
 
-def apply_overrides(params: dict, sets: list[tuple[list[str], object]], name: str) -> dict:
-    for path, value in sets:
-        node = params
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
-                raise SystemExit(f"variant {name}: params.yaml has no section '{'.'.join(path[:-1])}'")
-            node = node[part]
-        if path[-1] not in node:
-            raise SystemExit(f"variant {name}: params.yaml has no key '{'.'.join(path)}'")
-        node[path[-1]] = value
-    return params
+def apply_variant(params: dict, sets: list[tuple[list[str], object]], name: str) -> dict:
+    """The params of variant ``name``; exits naming the variant and the key when a key does not exist."""
+    try:
+        return apply_overrides(params, sets)
+    except ConfigError as e:
+        raise SystemExit(f"variant {name}: {e}") from None
 
 
 def make_copy(dest: Path) -> None:
@@ -152,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, sets in variants:
         run = out / name
         make_copy(run)
-        params = apply_overrides(yaml.safe_load((run / "params.yaml").read_text()), sets, name)
+        params = apply_variant(yaml.safe_load((run / "params.yaml").read_text()), sets, name)
         (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         log = run / "repro.log"
         print(f"[{name}] dvc repro {args.target} in {run} (log: {log})", flush=True)

@@ -28,7 +28,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_variants import REPO, apply_overrides, collect, fmt, make_copy  # noqa: E402
+from compare_variants import REPO, apply_variant, collect, fmt, make_copy  # noqa: E402
+
+from core.overrides import parse_assignments  # noqa: E402
 
 RESULTS = REPO / "results" / "embedded_benchmark.json"
 README = REPO / "README.md"
@@ -54,18 +56,10 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def parse_sets(spec: str) -> list[tuple[list[str], object]]:
-    sets = []
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        sets.append((key.split("."), yaml.safe_load(value)))
-    return sets
-
-
 def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
     run = out / name
     make_copy(run)
-    params = apply_overrides(yaml.safe_load((run / "params.yaml").read_text()), parse_sets(spec), name)
+    params = apply_variant(yaml.safe_load((run / "params.yaml").read_text()), parse_assignments(spec), name)
     (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = run / "repro.log"
     print(f"[{name}] dvc repro {target} (and evaluate) in {run} (log: {log})", flush=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.overrides import parse_assignments
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("compare_variants", REPO / "bench" / "compare_variants.py")
 cv = importlib.util.module_from_spec(_spec)
@@ -31,12 +33,12 @@ def test_bad_variant_specs_are_refused(spec):
 
 def test_overrides_must_name_existing_params_keys():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    out = cv.apply_overrides(params, cv.parse_variant("v:train_cls.method=cam")[1], "v")
+    out = cv.apply_variant(params, cv.parse_variant("v:train_cls.method=cam")[1], "v")
     assert out["train_cls"]["method"] == "cam"
     with pytest.raises(SystemExit, match="train_cls.metod"):
-        cv.apply_overrides(params, cv.parse_variant("v:train_cls.metod=cam")[1], "v")
+        cv.apply_variant(params, cv.parse_variant("v:train_cls.metod=cam")[1], "v")
     with pytest.raises(SystemExit, match="no section 'nosuch'"):
-        cv.apply_overrides(params, cv.parse_variant("v:nosuch.key=1")[1], "v")
+        cv.apply_variant(params, cv.parse_variant("v:nosuch.key=1")[1], "v")
 
 
 def test_scratch_copy_has_the_tracked_files_and_uses_the_project_cache(tmp_path):
@@ -81,7 +83,7 @@ def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the
     eb = _embedded_benchmark()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, spec, target, _ in eb.VARIANTS:
-        cv.apply_overrides(yaml.safe_load(yaml.safe_dump(params)), eb.parse_sets(spec), name)  # exits on a bad key
+        cv.apply_variant(yaml.safe_load(yaml.safe_dump(params)), parse_assignments(spec), name)  # exits on a bad key
         assert target in ("evaluate", "evaluate_seg")
     row = {"label": "EPS", "pseudo_miou": 0.5, "oracle_miou": 0.4, "oracle_threshold": 0.6, "boundary_f1": 0.3,
            "confusion": 1.25, "pairs": {"rail->train": 1.25}, "seg_miou": 0.45, "seg_train_s": 300.0,

@@ -1,0 +1,46 @@
+"""Params overrides ``section.key=value`` (values in YAML syntax): the one parser of the benches
+and variant runs. Overrides may only set keys that exist, so a typo fails naming the key."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import yaml
+
+from core.config import ConfigError
+
+
+def parse_assignment(item: str) -> tuple[list[str], Any]:
+    """``"train_cls.tau=0.3"`` -> ``(["train_cls", "tau"], 0.3)``."""
+    key, eq, value = item.partition("=")
+    if not eq or "." not in key or not all(key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    return key.split("."), yaml.safe_load(value)
+
+
+def parse_assignments(spec: str) -> list[tuple[list[str], Any]]:
+    """A comma-separated list of assignments (``"a.b=1,c.d=[1, 2]"`` is not split inside brackets)."""
+    items, depth, current = [], 0, ""
+    for ch in spec:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [parse_assignment(item) for item in items if item.strip()]
+
+
+def apply_overrides(params: dict, sets: Iterable[tuple[list[str], Any]]) -> dict:
+    """Set each ``(path, value)`` in the params mapping (in place; returned); unknown keys are refused."""
+    for path, value in sets:
+        node = params
+        for depth, part in enumerate(path[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"params has no section '{'.'.join(path[:depth + 1])}'")
+            node = node[part]
+        if path[-1] not in node:
+            raise ConfigError(f"params has no key '{'.'.join(path)}'")
+        node[path[-1]] = value
+    return params
