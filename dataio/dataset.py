@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +22,19 @@ from dataio.label_png import _check_value_counts, _image_value_counts, _mask_arr
 from dataio.labels import _labels_from_counts, _labels_from_mask, read_label_file
 
 _MAX_SHOWN_PROBLEMS = 20
+
+
+class SegImages(Protocol):
+    """What the stages read from a dataset: :class:`SegDataset` has it, tests pass in-memory stand-ins."""
+
+    class_names: list[str]
+    num_classes: int
+
+    def ids(self, split: str) -> list[str]: ...
+    def load_image(self, image_id: str) -> np.ndarray: ...
+    def labels(self, image_id: str) -> np.ndarray: ...
+    def load_mask(self, image_id: str) -> np.ndarray | None: ...
+    def has_masks(self, split: str) -> bool: ...
 
 
 class SegDataset:

@@ -7,7 +7,7 @@ K = C for ``cam``. The image prediction is the global average of the C class map
 (:func:`models.losses.image_logits`).
 
 Files written by :func:`save_classifier` hold the weights and the metadata needed to
-rebuild the network; :func:`load_classifier` reads them back (CONTRACT.md).
+rebuild the network; :func:`load_classifier` reads them back.
 """
 
 from __future__ import annotations

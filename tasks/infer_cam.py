@@ -45,7 +45,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +55,7 @@ from artifacts.cams import CamRecord, cam_path, write_cam_file
 from core.config import InferCamConfig, load_params, result_params, stage_sections
 from core.paths import CAMS_DIR, CLASSIFIER, MANIFEST
 from core.timings import timings_path, write_timings
+from dataio.dataset import SegImages
 
 FORMAT_VERSION = 1
 EPS_NORM = 1e-5
@@ -62,17 +63,6 @@ EPS_NORM = 1e-5
 
 class InferCamError(ValueError):
     """Inference cannot run as asked (bad checkpoint/dataset pairing, bad option)."""
-
-
-class ImageSource(Protocol):
-    """What inference reads from a dataset (``dataio.datasets.SegDataset`` fits)."""
-
-    class_names: list[str]
-    num_classes: int
-
-    def ids(self, split: str) -> list[str]: ...
-    def load_image(self, image_id: str) -> np.ndarray: ...
-    def labels(self, image_id: str) -> np.ndarray: ...
 
 
 # --------------------------------------------------------------------------- the maths
@@ -220,7 +210,7 @@ def _usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def split_ids(dataset: ImageSource, splits: Sequence[str]) -> list[str]:
+def split_ids(dataset: SegImages, splits: Sequence[str]) -> list[str]:
     """Ids of the splits in order, each once."""
     seen, out = set(), []
     for split in splits:
@@ -231,7 +221,7 @@ def split_ids(dataset: ImageSource, splits: Sequence[str]) -> list[str]:
     return out
 
 
-def fingerprint(cfg: InferCamConfig, meta: dict, activation: str, dataset: ImageSource,
+def fingerprint(cfg: InferCamConfig, meta: dict, activation: str, dataset: SegImages,
                 ids: Sequence[str], manifest: Path | None) -> str:
     """Identity of an inference result: what resumed files must match."""
     h = hashlib.sha256()
@@ -293,7 +283,7 @@ def _chunks(items: Sequence[str], n: int) -> Iterator[list[str]]:
         yield list(items[i:i + n])
 
 
-def infer_dataset(cfg: InferCamConfig, dataset: ImageSource, model: torch.nn.Module, meta: dict,
+def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Module, meta: dict,
                   out_dir: str | Path, *, manifest: str | Path | None = None, progress: bool = True,
                   device: torch.device | None = None, on_chunk=None) -> dict:
     """Infer every image of ``cfg.splits`` into ``out_dir``; returns the written ``meta.json``.

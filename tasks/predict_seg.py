@@ -29,7 +29,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,6 +38,7 @@ from core.atomic import atomic_path
 from core.config import PredictSegConfig, load_params, result_params, stage_sections
 from core.paths import MANIFEST, PREDICT_DIR, PREDICT_SEG_STATE, SEGMENTER
 from core.timings import timings_path, write_timings
+from dataio.dataset import SegImages
 
 IGNORE = 255
 _NOT_IN_FINGERPRINT = ("report_images",)  # besides the operational knobs: the masks do not depend on it
@@ -46,17 +46,6 @@ _NOT_IN_FINGERPRINT = ("report_images",)  # besides the operational knobs: the m
 
 class PredictSegError(ValueError):
     """Prediction cannot run as asked; the message names the file, id or params key."""
-
-
-class SegImages(Protocol):
-    """The part of ``dataio.datasets.SegDataset`` this stage uses."""
-
-    class_names: list[str]
-    num_classes: int
-
-    def ids(self, split: str) -> list[str]: ...
-    def load_image(self, image_id: str) -> np.ndarray: ...
-    def load_mask(self, image_id: str) -> np.ndarray | None: ...
 
 
 # --------------------------------------------------------------------------- the maths

@@ -234,7 +234,7 @@ def test_stage_rejects_mismatched_classifier(tmp_path):
 
 
 def test_run_with_a_saved_classifier(tmp_path, tiny_voc):
-    """The stage entry point on a real VOC-layout folder and a classifier file (CONTRACT.md)."""
+    """The stage entry point on a real VOC-layout folder and a classifier file."""
     pytest.importorskip("models.classifier")
     from dataio.manifest import write_manifest
     from dataio.voc import VOCDataset
