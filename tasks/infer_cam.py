@@ -283,16 +283,8 @@ def _chunks(items: Sequence[str], n: int) -> Iterator[list[str]]:
         yield list(items[i:i + n])
 
 
-def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Module, meta: dict,
-                  out_dir: str | Path, *, manifest: str | Path | None = None, progress: bool = True,
-                  device: torch.device | None = None, on_chunk=None) -> dict:
-    """Infer every image of ``cfg.splits`` into ``out_dir``; returns the written ``meta.json``.
-
-    ``on_chunk(n_done)`` is called after each chunk is written (tests use it to interrupt).
-    """
-    out_dir = Path(out_dir)
-    method = meta.get("method")
-    activation = resolve_activation(cfg.class_activation, method)
+def _checked_ids(cfg: InferCamConfig, dataset: SegImages, meta: dict, out_dir: Path) -> list[str]:
+    """The ids to infer, after checking that the classifier was trained for this dataset's classes."""
     if int(meta.get("num_classes", -1)) != dataset.num_classes:
         raise InferCamError(f"the classifier has {meta.get('num_classes')} classes but the dataset has "
                             f"{dataset.num_classes}; retrain train_cls on this dataset")
@@ -300,19 +292,20 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
     if names and list(names) != list(dataset.class_names):
         raise InferCamError(f"the classifier's classes {list(names)} differ from the dataset's "
                             f"{list(dataset.class_names)}; retrain train_cls on this dataset")
-    device = device or select_device(cfg.device)
     ids = split_ids(dataset, cfg.splits)
     if not ids:
         raise InferCamError(f"params key 'infer_cam.splits' = {list(cfg.splits)} holds no images")
     for image_id in ids:
         if "/" in image_id or image_id.startswith("."):
             raise InferCamError(f"image id {image_id!r} cannot be a file name under {out_dir}")
-    manifest = Path(manifest) if manifest else None
-    fp = fingerprint(cfg, meta, activation, dataset, ids, manifest)
-    partial = _prepare_partial(out_dir, fp)
-    done = {p.stem for p in partial.glob("*.npz")}
-    todo = [i for i in ids if i not in done]
-    model = model.to(device).eval()
+    return ids
+
+
+def _infer_into(partial: Path, todo: list[str], total: int, cfg: InferCamConfig, dataset: SegImages,
+                model: torch.nn.Module, method: str, activation: str, device: torch.device,
+                progress: bool, on_chunk) -> list[str]:
+    """Infer ``todo`` chunk by chunk into ``partial`` (the next chunk loads while one is inferred);
+    returns the views shrunk to ``max_side``."""
     capped: list[str] = []
 
     def load(image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -324,8 +317,7 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="infer_cam", unit="img")
-    t0 = time.perf_counter()
+        bar = tqdm(total=total, initial=total - len(todo), desc="infer_cam", unit="img")
     pool = ThreadPoolExecutor(max_workers=cfg.loader_threads) if cfg.loader_threads > 0 else None
     try:
         chunks = list(_chunks(todo, cfg.batch_images))
@@ -340,9 +332,8 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
         for ci, chunk in enumerate(chunks):
             loaded = [f.result() if isinstance(f, Future) else f for f in pending]
             pending = submit(chunks[ci + 1]) if ci + 1 < len(chunks) else []
-            images = [x[0] for x in loaded]
-            labels = [x[1] for x in loaded]
-            recs = infer_images(model, method, images, labels, cfg, device, activation,
+            recs = infer_images(model, method, [x[0] for x in loaded], [x[1] for x in loaded], cfg, device,
+                                activation,
                                 on_capped=lambda i, s, hw, c=chunk: capped.append(f"{c[i]}@{s}->{hw[0]}x{hw[1]}"))
             for image_id, rec in zip(chunk, recs):
                 write_cam_file(cam_path(partial, image_id), rec)
@@ -356,6 +347,30 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
             pool.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
+    return capped
+
+
+def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Module, meta: dict,
+                  out_dir: str | Path, *, manifest: str | Path | None = None, progress: bool = True,
+                  device: torch.device | None = None, on_chunk=None) -> dict:
+    """Infer every image of ``cfg.splits`` into ``out_dir``; returns the written ``meta.json``.
+
+    ``on_chunk(n_done)`` is called after each chunk is written (tests use it to interrupt).
+    """
+    out_dir = Path(out_dir)
+    method = meta.get("method")
+    activation = resolve_activation(cfg.class_activation, method)
+    device = device or select_device(cfg.device)
+    ids = _checked_ids(cfg, dataset, meta, out_dir)
+    manifest = Path(manifest) if manifest else None
+    fp = fingerprint(cfg, meta, activation, dataset, ids, manifest)
+    partial = _prepare_partial(out_dir, fp)
+    done = {p.stem for p in partial.glob("*.npz")}
+    todo = [i for i in ids if i not in done]
+    model = model.to(device).eval()
+    t0 = time.perf_counter()
+    capped = _infer_into(partial, todo, len(ids), cfg, dataset, model, method, activation, device, progress,
+                         on_chunk)
     seconds = time.perf_counter() - t0
     if capped:
         print(f"infer_cam: {len(capped)} view(s) were shrunk to infer_cam.max_side={cfg.max_side}: "
