@@ -239,6 +239,54 @@ def input_output_shapes(model_bytes: bytes) -> tuple[dict[str, list[int | str]],
     return inputs, outputs
 
 
+def _baked_resize_sizes(graph: list, nodes: dict[int, list], producer: dict[str, int]) -> dict[int, int]:
+    """Where Resize output sizes are baked in: a graph index (Constant node or initializer) -> how
+    many values it holds. Traced graphs build ``sizes`` as Concat(Shape(x)[:2], Constant[h, w]);
+    constant-folded ones (the quantized IS-Net) store the whole [n, c, h, w] as an initializer."""
+    def op_type(i: int) -> str:
+        return _strings(nodes[i], _NODE_OP_TYPE)[0]
+
+    initializers = {_strings(parse_message(v), _TENSOR_NAME)[0]: i  # type: ignore[arg-type]
+                    for i, (n, _, v) in enumerate(graph) if n == _GRAPH_INITIALIZER}
+
+    def constant_source(name: str) -> int | None:
+        if name in initializers:
+            return initializers[name]
+        p = producer.get(name)
+        return p if p is not None and op_type(p) == "Constant" else None
+
+    baked: dict[int, int] = {}
+    for i, node in nodes.items():
+        ins = _strings(node, _NODE_INPUT)
+        if op_type(i) != "Resize" or len(ins) < 4 or not ins[3]:
+            continue
+        source = constant_source(ins[3])
+        if source is not None:
+            baked[source] = 4
+            continue
+        concat = producer.get(ins[3])
+        if concat is not None and op_type(concat) == "Concat":
+            for part in _strings(nodes[concat], _NODE_INPUT):
+                source = constant_source(part)
+                if source is not None:
+                    baked[source] = 2
+    return baked
+
+
+def _with_free_spatial_dims(graph: list, in_name: str) -> list:
+    """The graph without value_info, its input's and 4-D outputs' height and width made symbolic."""
+    new_graph: list[Field] = []
+    for n, w, v in graph:
+        if n == _GRAPH_VALUE_INFO:
+            continue
+        if n == _GRAPH_INPUT and _strings(parse_message(v), _VALUE_INFO_NAME) == [in_name]:  # type: ignore[arg-type]
+            v = _free_dims(v, {2: "height", 3: "width"})  # type: ignore[arg-type]
+        elif n == _GRAPH_OUTPUT and len(_dims(v)) == 4:  # type: ignore[arg-type]
+            v = _free_dims(v, {2: "out_height", 3: "out_width"})  # type: ignore[arg-type]
+        new_graph.append((n, w, v))
+    return new_graph
+
+
 def specialise_input_size(model_bytes: bytes, size: int) -> tuple[bytes, int]:
     """The model rewritten for a ``size`` x ``size`` input, and how many Resize sizes changed.
 
@@ -262,37 +310,7 @@ def specialise_input_size(model_bytes: bytes, size: int) -> tuple[bytes, int]:
         for out in _strings(node, _NODE_OUTPUT):
             producer[out] = i
 
-    def op_type(i: int) -> str:
-        return _strings(nodes[i], _NODE_OP_TYPE)[0]
-
-    initializers = {_strings(parse_message(v), _TENSOR_NAME)[0]: i  # type: ignore[arg-type]
-                    for i, (n, _, v) in enumerate(graph) if n == _GRAPH_INITIALIZER}
-
-    # Baked sizes: a graph index (Constant node or initializer) -> how many values it must hold.
-    # Traced graphs build `sizes` as Concat(Shape(x)[:2], Constant[h, w]); constant-folded ones
-    # (the quantized IS-Net) store the whole [n, c, h, w] as an initializer.
-    baked: dict[int, int] = {}
-
-    def constant_source(name: str) -> int | None:
-        if name in initializers:
-            return initializers[name]
-        p = producer.get(name)
-        return p if p is not None and op_type(p) == "Constant" else None
-
-    for i, node in nodes.items():
-        ins = _strings(node, _NODE_INPUT)
-        if op_type(i) != "Resize" or len(ins) < 4 or not ins[3]:
-            continue
-        source = constant_source(ins[3])
-        if source is not None:
-            baked[source] = 4
-            continue
-        concat = producer.get(ins[3])
-        if concat is not None and op_type(concat) == "Concat":
-            for part in _strings(nodes[concat], _NODE_INPUT):
-                source = constant_source(part)
-                if source is not None:
-                    baked[source] = 2
+    baked = _baked_resize_sizes(graph, nodes, producer)
 
     def rescaled(t: bytes, count: int, where: str) -> bytes:
         tensor = parse_message(t)
@@ -317,14 +335,6 @@ def specialise_input_size(model_bytes: bytes, size: int) -> tuple[bytes, int]:
 
         graph[i] = (_GRAPH_NODE, _LEN, serialise_message(_replace(nodes[i], _NODE_ATTRIBUTE, attr_fn)))
 
-    new_graph: list[Field] = []
-    for n, w, v in graph:
-        if n == _GRAPH_VALUE_INFO:
-            continue
-        if n == _GRAPH_INPUT and _strings(parse_message(v), _VALUE_INFO_NAME) == [in_name]:  # type: ignore[arg-type]
-            v = _free_dims(v, {2: "height", 3: "width"})  # type: ignore[arg-type]
-        elif n == _GRAPH_OUTPUT and len(_dims(v)) == 4:  # type: ignore[arg-type]
-            v = _free_dims(v, {2: "out_height", 3: "out_width"})  # type: ignore[arg-type]
-        new_graph.append((n, w, v))
+    new_graph = _with_free_spatial_dims(graph, in_name)
     model[graph_index] = (_MODEL_GRAPH, _LEN, serialise_message(new_graph))
     return serialise_message(model), len(baked)
