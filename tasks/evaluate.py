@@ -21,7 +21,6 @@ Metric definitions live in :mod:`method.metrics`.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -34,9 +33,10 @@ import numpy as np
 from artifacts.cams import CamRecord, PseudoMaskError, cam_path, read_cam_file
 from artifacts.pseudo_masks import PseudoMasks, open_predictions
 from core.atomic import atomic_path, write_text_atomic
-from core.config import EvaluateConfig, load_params, stage_sections
+from core.config import EvaluateConfig
 from core.parallel import parallel_map
 from core.paths import CAMS_DIR, EVAL_DIR, EVAL_PSEUDO_METRICS, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, THRESHOLD_SWEEP_PLOT
+from core.stage_cli import stage_main
 from dataio.label_png import voc_palette
 from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
 
@@ -409,30 +409,25 @@ def run(cfg: EvaluateConfig, *, predictions: str | Path = PSEUDO_MASKS,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--predictions", default=PSEUDO_MASKS,
-                    help="pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps")
-    ap.add_argument("--manifest", default=MANIFEST)
-    ap.add_argument("--cams", default=CAMS_DIR, help="CAM folder for the sweep and report ('' = none)")
-    ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps for the report ('' = none)")
-    ap.add_argument("--out", default=EVAL_DIR)
-    ap.add_argument("--metrics", default=EVAL_PSEUDO_METRICS)
-    ap.add_argument("--plots", default=THRESHOLD_SWEEP_PLOT)
-    ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("evaluate"))
+    def arguments(ap):
+        ap.add_argument("--predictions", default=PSEUDO_MASKS,
+                        help="pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps")
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--cams", default=CAMS_DIR, help="CAM folder for the sweep and report ('' = none)")
+        ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps for the report ('' = none)")
+        ap.add_argument("--out", default=EVAL_DIR)
+        ap.add_argument("--metrics", default=EVAL_PSEUDO_METRICS)
+        ap.add_argument("--plots", default=THRESHOLD_SWEEP_PLOT)
+        ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
+
+    def body(args, params) -> str:
         m = run(params.evaluate, predictions=args.predictions, manifest=args.manifest, cams_dir=args.cams or None,
                 saliency_dir=args.saliency_dir or None, out_dir=args.out, metrics_path=args.metrics,
                 plots_path=args.plots or None, splits=args.splits or None)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, EvaluateError, DatasetError, PseudoMaskError
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    b = m["boundary"]
-    print(f"evaluate: {m['images']} images: mIoU {m['miou']}, boundary F1 {b['f1']}, "
-          f"mean confusion ratio {m['cooccurrence']['mean_ratio']} -> {args.metrics}")
-    return 0
+        return (f"{m['images']} images: mIoU {m['miou']}, boundary F1 {m['boundary']['f1']}, "
+                f"mean confusion ratio {m['cooccurrence']['mean_ratio']} -> {args.metrics}")
+
+    return stage_main("evaluate", __doc__, argv, arguments, body)
 
 
 if __name__ == "__main__":

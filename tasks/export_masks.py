@@ -16,7 +16,6 @@ when complete, so a killed export leaves nothing at the final path.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -28,10 +27,11 @@ import numpy as np
 from artifacts.cams import PseudoMaskError, cam_path, read_cam_file, read_cams_meta
 from artifacts.pseudo_masks import PseudoMaskWriter
 from core.atomic import atomic_path
-from core.config import ExportMasksConfig, load_params, result_params, stage_sections
+from core.config import ExportMasksConfig, result_params
 from core.parallel import parallel_map
 from core.paths import CAMS_DIR, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR
-from core.timings import timings_path, write_timings
+from core.stage_cli import stage_main
+from core.timings import write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
 from method.mask_rule import argmax_mask, mask_scores
 
@@ -231,26 +231,19 @@ def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = CAMS_DIR,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.export_masks", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--timings", default=str(timings_path("export_masks")),
-                    help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--cams", default=CAMS_DIR)
-    ap.add_argument("--manifest", default=MANIFEST)
-    ap.add_argument("--out", default=PSEUDO_MASKS)
-    ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps (background: saliency)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("export_masks"))
-        attrs = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,
-                    saliency_dir=args.saliency_dir, timings=args.timings)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, ExportMasksError, DatasetError
-        print(f"export_masks: error: {e}", file=sys.stderr)
-        return 2
-    t = attrs["timing"]
-    print(f"export_masks: {t['images']} masks in {args.out} ({t['images_per_s']} images/s, "
-          f"crf: {'on' if t['crf'] else 'off'}, {t['workers']} worker(s))")
-    return 0
+    def arguments(ap):
+        ap.add_argument("--cams", default=CAMS_DIR)
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--out", default=PSEUDO_MASKS)
+        ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps (background: saliency)")
+
+    def body(args, params) -> str:
+        t = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,
+                saliency_dir=args.saliency_dir, timings=args.timings)["timing"]
+        return (f"{t['images']} masks in {args.out} ({t['images_per_s']} images/s, "
+                f"crf: {'on' if t['crf'] else 'off'}, {t['workers']} worker(s))")
+
+    return stage_main("export_masks", __doc__, argv, arguments, body, timings=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ images are done the folder is renamed to ``data/cams``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -52,9 +51,10 @@ import torch
 import torch.nn.functional as F
 
 from artifacts.cams import CamRecord, cam_path, write_cam_file
-from core.config import InferCamConfig, load_params, result_params, stage_sections
+from core.config import InferCamConfig, result_params
 from core.paths import CAMS_DIR, CLASSIFIER, MANIFEST
-from core.timings import timings_path, write_timings
+from core.stage_cli import stage_main
+from core.timings import write_timings
 from dataio.dataset import SegImages
 
 FORMAT_VERSION = 1
@@ -427,25 +427,19 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.infer_cam", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--timings", default=str(timings_path("infer_cam")),
-                    help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--manifest", default=MANIFEST)
-    ap.add_argument("--checkpoint", default=CLASSIFIER)
-    ap.add_argument("--out", default=CAMS_DIR)
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("infer_cam"))
+    def arguments(ap):
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--checkpoint", default=CLASSIFIER)
+        ap.add_argument("--out", default=CAMS_DIR)
+
+    def body(args, params) -> str:
         meta = run(params.infer_cam, manifest=args.manifest, checkpoint=args.checkpoint, out_dir=args.out,
                    timings=args.timings)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, InferCamError, DatasetError, ClassifierError
-        print(f"infer_cam: error: {e}", file=sys.stderr)
-        return 2
-    t = meta["timing"]
-    print(f"infer_cam: {len(meta['ids'])} images in {args.out} ({t['images']} inferred now"
-          + (f", {t['images_per_s']:.2f} images/s on {t['device']}" if t["images_per_s"] else "") + ")")
-    return 0
+        t = meta["timing"]
+        return (f"{len(meta['ids'])} images in {args.out} ({t['images']} inferred now"
+                + (f", {t['images_per_s']:.2f} images/s on {t['device']}" if t["images_per_s"] else "") + ")")
+
+    return stage_main("infer_cam", __doc__, argv, arguments, body, timings=True)
 
 
 if __name__ == "__main__":

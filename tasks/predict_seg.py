@@ -21,7 +21,6 @@ moved into place in one rename, so a kill never leaves a half-written ``data/pre
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from core.atomic import atomic_path
-from core.config import PredictSegConfig, load_params, result_params, stage_sections
+from core.config import PredictSegConfig, result_params
 from core.paths import MANIFEST, PREDICT_DIR, PREDICT_SEG_STATE, SEGMENTER
-from core.timings import timings_path, write_timings
+from core.stage_cli import stage_main
+from core.timings import write_timings
 from dataio.dataset import SegImages
 
 IGNORE = 255
@@ -246,24 +246,18 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.predict_seg", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--timings", default=str(timings_path("predict_seg")),
-                    help="run-dependent figures (core.timings; not a DVC output)")
-    ap.add_argument("--manifest", default=MANIFEST)
-    ap.add_argument("--segmenter", default=SEGMENTER)
-    ap.add_argument("--out", default=PREDICT_DIR)
-    ap.add_argument("--state-dir", default=PREDICT_SEG_STATE, help="partial predictions (resume)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("predict_seg"))
+    def arguments(ap):
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--segmenter", default=SEGMENTER)
+        ap.add_argument("--out", default=PREDICT_DIR)
+        ap.add_argument("--state-dir", default=PREDICT_SEG_STATE, help="partial predictions (resume)")
+
+    def body(args, params) -> str:
         result = run(params.predict_seg, manifest=args.manifest, segmenter=args.segmenter,
                      out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
-        print(f"predict_seg: {result['images']} masks in {Path(args.out) / 'masks'}", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"predict_seg: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return f"{result['images']} masks in {Path(args.out) / 'masks'}"
+
+    return stage_main("predict_seg", __doc__, argv, arguments, body, timings=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Run from the repository root: ``python -m tasks.prepare [--params params.yaml]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -29,8 +28,9 @@ import numpy as np
 from PIL import Image
 
 from core.atomic import atomic_path
-from core.config import ConfigError, DatasetConfig, Params, PrepareConfig, load_params, stage_sections
+from core.config import ConfigError, DatasetConfig, Params, PrepareConfig
 from core.paths import PREPARE_METRICS, PREPARED_DIR
+from core.stage_cli import stage_main
 from dataio import synthetic
 from dataio.dataset import SegDataset
 from dataio.files import IGNORE_INDEX
@@ -307,20 +307,16 @@ def _summary(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.prepare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--out", default=PREPARED_DIR)
-    ap.add_argument("--metrics", default=PREPARE_METRICS)
-    args = ap.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        params = load_params(args.params, sections=stage_sections("prepare"))
+    def arguments(ap):
+        ap.add_argument("--out", default=PREPARED_DIR)
+        ap.add_argument("--metrics", default=PREPARE_METRICS)
+
+    def body(args, params) -> str:
+        start = time.perf_counter()
         metrics = run(params, args.out, args.metrics)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, DatasetError
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
-    print(f"prepare: {args.out} ready in {time.perf_counter() - start:.1f} s: {_summary(metrics)}")
-    return 0
+        return f"{args.out} ready in {time.perf_counter() - start:.1f} s: {_summary(metrics)}"
+
+    return stage_main("prepare", __doc__, argv, arguments, body)
 
 
 if __name__ == "__main__":

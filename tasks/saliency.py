@@ -30,7 +30,6 @@ renamed to ``data/saliency`` when complete.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -57,10 +56,11 @@ from artifacts.saliency_maps import (
 from assets import isnet_model
 from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.atomic import write_text_atomic
-from core.config import ConfigError, SaliencyConfig, load_params, stage_sections
+from core.config import SaliencyConfig
 from core.hashing import file_sha256
 from core.parallel import parallel_map
 from core.paths import MANIFEST, SALIENCY_DIR, SALIENCY_METRICS
+from core.stage_cli import stage_main
 
 FINGERPRINT_FILE = ".fingerprint.json"
 FINGERPRINT_FORMAT = 1
@@ -580,24 +580,18 @@ def _publish(partial: Path, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.saliency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--manifest", default=MANIFEST, help="dataset manifest from prepare")
-    ap.add_argument("--out", default=SALIENCY_DIR)
-    ap.add_argument("--metrics", default=SALIENCY_METRICS)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    from dataio.files import DatasetError
-    from dataio.manifest import open_dataset
+    def arguments(ap):
+        ap.add_argument("--manifest", default=MANIFEST, help="dataset manifest from prepare")
+        ap.add_argument("--out", default=SALIENCY_DIR)
+        ap.add_argument("--metrics", default=SALIENCY_METRICS)
+        ap.add_argument("--no-progress", action="store_true")
 
-    try:
-        cfg = load_params(args.params, sections=stage_sections("saliency")).saliency
-        dataset = open_dataset(args.manifest)
-        run(cfg, dataset, args.out, args.metrics, progress=not args.no_progress)
-    except (SaliencyError, ConfigError, DatasetError, SaliencyMapError) as e:
-        print(f"saliency: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    def body(args, params) -> None:
+        from dataio.manifest import open_dataset
+
+        run(params.saliency, open_dataset(args.manifest), args.out, args.metrics, progress=not args.no_progress)
+
+    return stage_main("saliency", __doc__, argv, arguments, body)
 
 
 if __name__ == "__main__":
