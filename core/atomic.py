@@ -45,6 +45,20 @@ def remove_stale_temps(final: str | Path) -> list[Path]:
     return removed
 
 
+def replace_path(new: Path, final: Path) -> None:
+    """Rename ``new`` (a file or a finished folder) to ``final``, replacing what is there; an older
+    folder is moved aside first (a folder cannot replace a non-empty one in one rename)."""
+    if final.is_dir() and not final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if new.is_dir() and (final.exists() or final.is_symlink()):
+            final.unlink()
+        os.replace(new, final)
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path; on success rename it to ``final`` (replacing it).
@@ -67,15 +81,7 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
     try:
         yield tmp
-        if final.is_dir() and not final.is_symlink():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if is_dir and final.exists():
-                final.unlink()
-            os.replace(tmp, final)
+        replace_path(tmp, final)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

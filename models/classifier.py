@@ -20,6 +20,7 @@ from torch import nn
 from core.atomic import save_torch_atomic
 from core.hashing import file_sha256
 from models.backbones import Backbone, build_backbone
+from models.frozen_bn import FrozenBatchNormModule
 
 METHODS = ("eps", "cam")
 FILE_FORMAT = "eps-wsss-classifier/1"
@@ -29,7 +30,7 @@ class ClassifierError(ValueError):
     """A classifier file is missing, corrupt, or not one of ours; the message names it."""
 
 
-class MapClassifier(nn.Module):
+class MapClassifier(FrozenBatchNormModule):
     """Backbone + (optional dropout) + 1x1 conv without bias to ``num_maps`` maps."""
 
     def __init__(self, backbone: Backbone, num_maps: int, head_dropout: float = 0.0):
@@ -40,7 +41,6 @@ class MapClassifier(nn.Module):
         self.dropout = nn.Dropout2d(head_dropout) if head_dropout > 0 else nn.Identity()
         self.head = nn.Conv2d(backbone.out_channels, num_maps, 1, bias=False)
         nn.init.xavier_uniform_(self.head.weight)  # as fc8 in psa/EPS
-        self.frozen_bn = False
 
     @property
     def num_maps(self) -> int:
@@ -54,28 +54,12 @@ class MapClassifier(nn.Module):
         x = (x - self.mean) / self.std
         return self.head(self.dropout(self.backbone(x)))
 
-    def freeze_batchnorm(self) -> None:
-        """Keep every BatchNorm in eval mode with fixed affine parameters (small batches)."""
-        self.frozen_bn = True
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for p in m.parameters():
-                    p.requires_grad_(False)
-        self.train(self.training)
-
     def freeze_early_layers(self) -> None:
         """Fix the backbone's first stage (the authors freeze conv1a and b2 of ResNet-38)."""
         for layer in self.backbone.early_layers():
             for p in layer.parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
 
 def build_classifier(method: str, backbone: str, num_classes: int, *, output_stride: int = 8,

@@ -27,6 +27,7 @@ from torch import nn
 
 from core.atomic import save_torch_atomic
 from models.backbones import Backbone, build_backbone
+from models.frozen_bn import FrozenBatchNormModule
 
 HEADS = ("largefov", "aspp")
 FILE_FORMAT = "eps-wsss-segmenter/1"
@@ -79,7 +80,7 @@ class ASPPHead(nn.Module):
         return out
 
 
-class DeepLab(nn.Module):
+class DeepLab(FrozenBatchNormModule):
     """Backbone + LargeFOV or ASPP head; logits for ``C + 1`` labels (background first)."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, num_labels: int):
@@ -89,7 +90,6 @@ class DeepLab(nn.Module):
         self.num_labels = num_labels
         self.register_buffer("mean", torch.tensor(backbone.input_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(backbone.input_std).view(1, 3, 1, 1), persistent=False)
-        self.frozen_bn = False
 
     @property
     def output_stride(self) -> int:
@@ -98,23 +98,6 @@ class DeepLab(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone((x - self.mean) / self.std))
 
-    def freeze_batchnorm(self) -> None:
-        """Keep every BatchNorm in eval mode with fixed affine parameters (small batches,
-        as DeepLab-v2 trains ResNet-101)."""
-        self.frozen_bn = True
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for p in m.parameters():
-                    p.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen_bn:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
 
     def param_groups(self, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict]:
         """SGD groups: backbone at ``lr``, head at ``lr * head_lr_mult`` (DeepLab: 10x).

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -55,7 +54,7 @@ from artifacts.saliency_maps import (
 )
 from assets import isnet_model
 from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
-from core.atomic import write_text_atomic
+from core.atomic import replace_path, write_text_atomic
 from core.config import SaliencyConfig
 from core.hashing import file_sha256
 from core.parallel import parallel_map
@@ -553,7 +552,7 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
     if missing:
         raise SaliencyError(f"{partial}: maps missing after the run for {', '.join(missing[:5])}; rerun the stage")
     (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
-    _publish(partial, out_dir)
+    replace_path(partial, out_dir)
     if metrics_path is not None:
         write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     rate = computed / seconds if computed and seconds > 0 else 0.0
@@ -564,19 +563,6 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
              f"{reused} kept from an interrupted run) "
              f"in {seconds:.1f} s{'; ' + scores if scores else ''}")
     return summary
-
-
-def _publish(partial: Path, out_dir: Path) -> None:
-    """Rename the finished folder into place, replacing an older ``out_dir``."""
-    if out_dir.is_dir() and not out_dir.is_symlink():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(partial, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        if out_dir.exists() or out_dir.is_symlink():
-            out_dir.unlink()
-        os.replace(partial, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
