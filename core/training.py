@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import resource
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from core.hashing import files_fingerprint
 
 
 def sample_rng(seed: int, stream: int, epoch: int, position: int) -> np.random.Generator:
@@ -119,15 +120,6 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
     return base * (1.0 - it / total) ** power
 
 
-def files_fingerprint(paths: Iterable[Path]) -> str:
-    """sha256 over the names and bytes of ``paths`` (the code a run's weights depend on)."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def run_fingerprint(section: str, params: dict[str, Any], seed: int, world_size: int, data_fp: str,
                     code_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
@@ -136,15 +128,15 @@ def run_fingerprint(section: str, params: dict[str, Any], seed: int, world_size:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def cpu_seconds() -> float:
     """CPU time of this process, all threads (data-loader worker processes not included)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def code_fingerprint(stage: str) -> str:
+    """sha256 of the code a stage's result depends on: its import closure (:func:`core.stage_deps.code_deps`,
+    the same files dvc.yaml lists), so a resume checkpoint of other code is never continued."""
+    from core.stage_deps import REPO, code_deps
+
+    return files_fingerprint(REPO / path for path in code_deps(stage))

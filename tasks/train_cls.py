@@ -13,75 +13,52 @@ Optimiser. SGD with momentum 0.9, weight decay 5e-4, poly learning rate (power 0
 We use the momentum the paper and psa intend (0.9); set ``train_cls.momentum: 0.0005`` to
 reproduce the authors' code exactly.
 
-Resume. Every ``checkpoint_every`` iterations a checkpoint is written atomically to
+Resume (:mod:`core.trainer`). Every ``checkpoint_every`` iterations a checkpoint is written to
 ``.state/train_cls/<fingerprint>/ckpt.pt`` (outside the DVC output, which DVC deletes before a
-rerun): weights, optimiser, iteration, the torch/numpy/python RNG states of every process and the
-logged history. The data order is a pure function of (seed, iteration): epoch ``e`` visits the
-images in a permutation drawn from a generator seeded by (seed, e), and every sample's augmentation
-uses a generator seeded by (seed, e, position). A rerun after a kill therefore continues with the
-same batches and random numbers, and on CPU ends with bit-identical weights. The fingerprint covers
-the params that change the result, the seed, the number of processes, the data (manifest, labels,
-saliency listing) and the code of ``models/`` and this file; the checkpoint is removed once the
-classifier is written.
+rerun), with the torch/numpy/python RNG states of every process: dropout and drop-connect draw from
+them. The data order is a pure function of (seed, iteration): epoch ``e`` visits the images in a
+permutation drawn from a generator seeded by (seed, e), and every sample's augmentation uses a
+generator seeded by (seed, e, position). A rerun after a kill therefore continues with the same
+batches and random numbers, and on CPU ends with bit-identical weights. The fingerprint covers the
+params that change the result, the seed, the number of processes, the data (manifest, labels,
+saliency listing) and the code of ``models/``, the training loop and this file; the checkpoint is
+removed once the classifier is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import math
 import os
 import random
-import resource
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from core import training
-from core.atomic import atomic_path
-from core.config import TrainClsConfig, load_params, result_params, stage_sections
-from core.timings import timings_path, write_timings
-from core.training import (
-    DistContext,
-    ResumableBatchSampler,
-    cpu_seconds,
-    default_threads,
-    files_fingerprint,
-    poly_lr,
-    sample_rng,
-    setup_distributed,
-)
+from core.config import TrainClsConfig, result_params
+from core.paths import MANIFEST, SALIENCY_DIR, TRAIN_CLS_DIR, TRAIN_CLS_STATE
+from core.stage_cli import stage_main
+from core.trainer import Step, TrainingLoop, training_process
+from core.training import DistContext, ResumableBatchSampler, sample_rng
+from dataio.dataset import SegImages
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
 
 REPO = Path(__file__).resolve().parents[1]
 _STREAM = 0  # random-stream salt of this stage (core.training)
-CKPT_FORMAT = "eps-wsss-train-cls-ckpt/1"
+CKPT_FORMAT = "eps-wsss-train-cls-ckpt/2"  # core.trainer's layout
 
 
 class TrainClsError(ValueError):
     """Bad input for the train_cls stage; the message names the file, id or params key."""
-
-
-class LabelledImages(Protocol):
-    """The part of ``dataio.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
-
-    class_names: list[str]
-    num_classes: int
-
-    def ids(self, split: str) -> list[str]: ...
-    def load_image(self, image_id: str) -> np.ndarray: ...
-    def labels(self, image_id: str) -> np.ndarray: ...
 
 
 SaliencyFn = Callable[[str, tuple[int, int]], np.ndarray]
@@ -104,7 +81,7 @@ class AugmentedImages(Dataset):
     (0 after normalisation) for the image and 0 (background) for the saliency.
     """
 
-    def __init__(self, reader: LabelledImages, ids: list[str], cfg: TrainClsConfig,
+    def __init__(self, reader: SegImages, ids: list[str], cfg: TrainClsConfig,
                  saliency_fn: SaliencyFn | None, pad_value: tuple[float, float, float]):
         self.reader, self.ids, self.cfg, self.saliency_fn = reader, list(ids), cfg, saliency_fn
         self.pad_value = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1)
@@ -213,7 +190,7 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_map(model: torch.nn.Module, reader: LabelledImages, ids: list[str], device: torch.device,
+def evaluate_map(model: torch.nn.Module, reader: SegImages, ids: list[str], device: torch.device,
                  num_classes: int, batch_size: int = 16) -> tuple[float, list[float]]:
     """Multi-label mAP of the GAP logits on whole images (mean over classes with a positive)."""
     was_training = model.training
@@ -243,12 +220,7 @@ def evaluate_map(model: torch.nn.Module, reader: LabelledImages, ids: list[str],
 # --------------------------------------------------------------------------- helpers
 
 
-def _code_fingerprint() -> str:
-    return files_fingerprint([REPO / "models" / f for f in ("__init__.py", "backbones.py", "classifier.py", "losses.py")]
-                             + [Path(__file__).resolve()])
-
-
-def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Path | None,
+def _data_fingerprint(reader: SegImages, train_ids: list[str], manifest: Path | None,
                       saliency_dir: Path | None) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(list(reader.class_names)).encode())
@@ -266,24 +238,7 @@ def _data_fingerprint(reader: LabelledImages, train_ids: list[str], manifest: Pa
 def run_fingerprint(cfg: TrainClsConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
     params = result_params(cfg)  # operational knobs (threads, logging, ...) let a run resume
-    return training.run_fingerprint("train_cls", params, seed, world_size, data_fp, _code_fingerprint())
-
-
-def _rng_state(device: torch.device) -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def _host_rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
-
-
-def _set_host_rng_state(state: dict) -> None:
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
+    return training.run_fingerprint("train_cls", params, seed, world_size, data_fp, training.code_fingerprint("train_cls"))
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -293,48 +248,12 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class _Live:
-    """dvclive on rank 0 (no-op elsewhere); the history is replayed after a resume."""
-
-    def __init__(self, live_dir: Path | None):
-        self.live = None
-        if live_dir is not None:
-            from core.live_metrics import StageLive
-            self.live = StageLive(live_dir)
-
-    def log(self, step: int, metrics: dict[str, float], plot: bool = True) -> None:
-        if self.live is None:
-            return
-        self.live.step = step
-        for k, v in metrics.items():
-            self.live.log_metric(k, v, plot=plot)
-
-    def summary(self, extra: dict[str, Any]) -> None:
-        if self.live is None:
-            return
-
-        def merge(into: dict, new: dict) -> None:
-            for k, v in new.items():
-                if isinstance(v, dict) and isinstance(into.get(k), dict):
-                    merge(into[k], v)
-                else:
-                    into[k] = v
-
-        merge(self.live.summary, extra)
-        self.live.make_summary()
-
-    def end(self) -> None:
-        if self.live is not None:
-            self.live.make_summary()
-            self.live.end()
-
-
 # --------------------------------------------------------------------------- the stage
 
 
-def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prepared/dataset.json",
-        saliency_dir: str | Path = "data/saliency", out_dir: str | Path = "data/train_cls",
-        state_dir: str | Path = ".state/train_cls", reader: LabelledImages | None = None,
+def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
+        saliency_dir: str | Path = SALIENCY_DIR, out_dir: str | Path = TRAIN_CLS_DIR,
+        state_dir: str | Path = TRAIN_CLS_STATE, reader: SegImages | None = None,
         saliency_fn: SaliencyFn | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
     """Train the classifier; returns the summary: ``val`` is written to ``<out_dir>/live/metrics.json``,
@@ -344,23 +263,12 @@ def run(cfg: TrainClsConfig, *, seed: int = 0, manifest: str | Path = "data/prep
     (default: ``load_saliency(saliency_dir, ...)``) can be injected. ``on_iteration(i)`` is called
     after iteration ``i`` (1-based) and its checkpoint, if any.
     """
-    dctx = setup_distributed(cfg.device, key="train_cls", error=TrainClsError)
-    threads_before = torch.get_num_threads()
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.set_num_threads(cfg.threads or default_threads(dctx.local_world_size))
-        # CPU kernels are deterministic; on CUDA a few are not and only warn
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with training_process(cfg.device, cfg.threads, key="train_cls", error=TrainClsError) as dctx:
         return _train(cfg, seed, Path(manifest), Path(saliency_dir), Path(out_dir), Path(state_dir),
                       reader, saliency_fn, on_iteration, progress, dctx, timings)
-    finally:
-        torch.set_num_threads(threads_before)
-        torch.use_deterministic_algorithms(deterministic_before)
-        if dctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def _check_inputs(cfg: TrainClsConfig, reader: LabelledImages, saliency_dir: Path,
+def _check_inputs(cfg: TrainClsConfig, reader: SegImages, saliency_dir: Path,
                   custom_saliency: bool) -> tuple[list[str], list[str], torch.Tensor | None]:
     names = list(reader.class_names)
     if len(names) != reader.num_classes:
@@ -401,14 +309,68 @@ def _check_inputs(cfg: TrainClsConfig, reader: LabelledImages, saliency_dir: Pat
 def _param_groups(model: MapClassifier, cfg: TrainClsConfig) -> list[dict]:
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]
-    return [{"params": backbone, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
-            {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult,
+    return [{"params": backbone, "lr": cfg.lr, "initial_lr": cfg.lr, "weight_decay": cfg.weight_decay},
+            {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "initial_lr": cfg.lr * cfg.head_lr_mult,
              "weight_decay": cfg.weight_decay}]
+
+
+def _build_model(cfg: TrainClsConfig, num_classes: int, seed: int,
+                 device: torch.device) -> tuple[MapClassifier, torch.optim.Optimizer]:
+    torch.manual_seed(seed)  # the same initial weights in every process (DDP also broadcasts rank 0's)
+    model = build_classifier(cfg.method, cfg.backbone, num_classes, output_stride=cfg.output_stride,
+                             pretrained=cfg.pretrained, weights_path=cfg.weights_path,
+                             head_dropout=cfg.head_dropout)
+    if cfg.freeze_bn:
+        model.freeze_batchnorm()
+    if cfg.freeze_stem:
+        model.freeze_early_layers()
+    model.to(device)
+    optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    return model, optimizer
+
+
+def _loss_step(cfg: TrainClsConfig, net: torch.nn.Module, device: torch.device, num_classes: int,
+               predefined: torch.Tensor | None, warn: bool) -> Step:
+    """L_cls (+ L_sal for EPS) of one batch, and the values logged."""
+    loss_size = (cfg.crop_size // cfg.loss_stride,) * 2 if cfg.loss_stride else None
+    warned = not warn
+
+    def step(batch: dict, it: int) -> tuple[torch.Tensor, dict[str, float]]:
+        nonlocal warned
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        if labels.shape[1] != num_classes:
+            raise TrainClsError(f"labels have {labels.shape[1]} entries, the dataset has {num_classes} classes")
+        maps = net(images)
+        loss_cls = classification_loss(maps, labels)
+        if cfg.method == "eps":
+            sal = batch["saliency"].to(device, non_blocking=True)
+            selection = "naive" if it < cfg.selection_warmup else cfg.map_selection
+            loss_sal, fg_share = saliency_loss(maps, sal, labels, selection, cfg.tau, cfg.lam, predefined,
+                                               cfg.empty_maps, return_selection=True, loss_size=loss_size,
+                                               saliency_resize=cfg.saliency_resize)
+        else:
+            loss_sal = torch.zeros((), device=device)
+        loss = loss_cls + loss_sal
+        logits = image_logits(maps.detach(), num_classes)
+        if not warned and logits.shape[0] > 1 and float(logits.std(dim=0).max()) < 1e-3:
+            warned = True
+            print(f"train_cls: warning: at iteration {it + 1} every image gets the same class scores (the "
+                  f"backbone's features died, typically from a too high learning rate); lower "
+                  f"train_cls.lr (now {cfg.lr})", file=sys.stderr)
+        values = {"train/loss": loss.item(), "train/loss_cls": loss_cls.item()}
+        if cfg.method == "eps":
+            values["train/loss_sal"] = loss_sal.item()
+            # the share of present classes that joined M_fg
+            values["train/fg_selected"] = 0.0 if math.isnan(fg_share) else fg_share
+        return loss, values
+
+    return step
 
 
 def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, saliency_fn, on_iteration,
            progress, dctx: DistContext, timings: str | Path | None = None) -> dict:
-    is_main = dctx.rank == 0
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
@@ -419,241 +381,71 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
     if cfg.method == "eps" and saliency_fn is None:
         saliency_fn = functools.partial(_saliency_from_dir, str(saliency_dir))
     num_classes = reader.num_classes
-
     fingerprint = run_fingerprint(cfg, seed, dctx.world_size, _data_fingerprint(
         reader, train_ids, manifest, None if custom_saliency else saliency_dir))
-    ckpt_path = state_dir / fingerprint / "ckpt.pt"
+    loop = TrainingLoop("train_cls", cfg, dctx, ckpt_format=CKPT_FORMAT, fingerprint=fingerprint,
+                        state_dir=state_dir, error=TrainClsError, rng_states=True)
 
-    # the same initial weights in every process (DDP also broadcasts rank 0's)
-    torch.manual_seed(seed)
-    model = build_classifier(cfg.method, cfg.backbone, num_classes, output_stride=cfg.output_stride,
-                             pretrained=cfg.pretrained, weights_path=cfg.weights_path,
-                             head_dropout=cfg.head_dropout)
-    if cfg.freeze_bn:
-        model.freeze_batchnorm()
-    if cfg.freeze_stem:
-        model.freeze_early_layers()
-    model.to(dctx.device)
-    optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-
-    start, history, elapsed_before = 0, [], 0.0
+    model, optimizer = _build_model(cfg, num_classes, seed, dctx.device)
     # dropout / drop-connect randomness differs per process, reproducibly
     torch.manual_seed(seed * 1_000_003 + 7919 * (dctx.rank + 1))
     np.random.seed(seed + dctx.rank)
     random.seed(seed + dctx.rank)
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != CKPT_FORMAT or ckpt.get("fingerprint") != fingerprint:
-            raise TrainClsError(f"{ckpt_path} belongs to another run; delete it to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        rng = ckpt["rng"][dctx.rank]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and dctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], dctx.device)
-        _set_host_rng_state(ckpt["host_rng"][dctx.rank])
-        start, history, elapsed_before = int(ckpt["iteration"]), list(ckpt["history"]), float(ckpt["elapsed"])
-        if is_main:
-            print(f"train_cls: resuming from {ckpt_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
-
-    if is_main:
+    net = loop.prepare(model, optimizer)
+    if loop.is_main:
         print(f"train_cls: {cfg.method} on {cfg.backbone} (output stride {model.output_stride}), "
               f"{len(train_ids)} train / {len(val_ids)} val images, {cfg.iterations} iterations of batch "
               f"{cfg.batch_size} on {dctx.world_size} x {dctx.device} ({torch.get_num_threads()} threads each); "
-              f"checkpoints in {ckpt_path.parent}", file=sys.stderr)
-    net = model
-    if dctx.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dctx.device.index] if dctx.device.type == "cuda" else None)
+              f"checkpoints in {loop.ckpt_path.parent}", file=sys.stderr)
 
     dataset = AugmentedImages(reader, train_ids, cfg, saliency_fn, model.backbone.input_mean)
-    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
+    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, loop.start, cfg.iterations,
                                     dctx.rank, dctx.world_size, stream=_STREAM, key="train_cls", error=TrainClsError)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=dctx.device.type == "cuda", worker_init_fn=_seed_worker,
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=False)
 
-    live = _Live(out_dir / "live" if is_main else None)
-    for row in history:
-        live.log(row["step"], row["metrics"])
+    def evaluate() -> tuple[dict[str, float], tuple[float, list[float]]]:
+        val_map, aps = evaluate_map(model, reader, val_ids, dctx.device, num_classes)
+        return {"val/mAP": val_map}, (val_map, aps)
 
-    def save_checkpoint(iteration: int, elapsed: float) -> None:
-        rng, host = _rng_state(dctx.device), _host_rng_state()
-        rngs, hosts = [rng], [host]
-        if dctx.world_size > 1:
-            rngs, hosts = [None] * dctx.world_size, [None] * dctx.world_size
-            dist.all_gather_object(rngs, {k: (v.cpu() if v is not None else None) for k, v in rng.items()})
-            dist.all_gather_object(hosts, host)
-        if is_main:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"format": CKPT_FORMAT, "fingerprint": fingerprint, "iteration": iteration,
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "rng": rngs, "host_rng": hosts, "history": history, "elapsed": elapsed,
-                            "data_order": {"seed": seed, "next_iteration": iteration,
-                                           "batch_size": cfg.batch_size, "world_size": dctx.world_size}},
-                           tmp)
-        if dctx.world_size > 1:
-            dist.barrier()
-
-    def reduce_mean(values: list[float]) -> list[float]:
-        if dctx.world_size == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=dctx.device)
-        dist.all_reduce(t)
-        return (t / dctx.world_size).tolist()
-
-    def run_eval(step: int) -> tuple[float, list[float]] | None:
-        result = None
-        if is_main:
-            result = evaluate_map(model, reader, val_ids, dctx.device, num_classes)
-            history.append({"step": step, "metrics": {"val/mAP": result[0]}})
-            live.log(step, {"val/mAP": result[0]})
-            live.summary({})
-        if dctx.world_size > 1:
-            dist.barrier()
-        return result
-
-    loss_size = (cfg.crop_size // cfg.loss_stride,) * 2 if cfg.loss_stride else None
-    net.train()
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, initial=start, desc=f"train_cls {cfg.method}", unit="it",
-                   dynamic_ncols=True, file=sys.stderr)
-    window = np.zeros(4)
-    window_n = 0
-    warned_dead = False
-    train_time = 0.0
-    cpu_start = cpu_seconds()
-    t_iter = time.perf_counter()
-    it = start
-    for batch in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(group["base_lr"], it, cfg.iterations, cfg.poly_power)
-        lr_now = poly_lr(cfg.lr, it, cfg.iterations, cfg.poly_power)
-        images = batch["image"].to(dctx.device, non_blocking=True)
-        labels = batch["labels"].to(dctx.device, non_blocking=True)
-        if labels.shape[1] != num_classes:
-            raise TrainClsError(f"labels have {labels.shape[1]} entries, the dataset has {num_classes} classes")
-        maps = net(images)
-        loss_cls = classification_loss(maps, labels)
-        if cfg.method == "eps":
-            sal = batch["saliency"].to(dctx.device, non_blocking=True)
-            selection = "naive" if it < cfg.selection_warmup else cfg.map_selection
-            loss_sal, fg_share = saliency_loss(maps, sal, labels, selection, cfg.tau, cfg.lam, predefined,
-                                               cfg.empty_maps, return_selection=True, loss_size=loss_size,
-                                               saliency_resize=cfg.saliency_resize)
-        else:
-            loss_sal, fg_share = torch.zeros((), device=dctx.device), 0.0
-        loss = loss_cls + loss_sal
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_cls: loss is {loss.item()} at iteration {it + 1}; lower "
-                                     f"train_cls.lr (now {cfg.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        it += 1
-        window += (loss.item(), loss_cls.item(), loss_sal.item(), 0.0 if math.isnan(fg_share) else fg_share)
-        window_n += 1
-        now = time.perf_counter()
-        train_time += now - t_iter
-
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            means = reduce_mean((window / window_n).tolist())
-            metrics = {"train/loss": means[0], "train/loss_cls": means[1], "train/lr": lr_now}
-            if cfg.method == "eps":
-                metrics["train/loss_sal"] = means[2]
-                metrics["train/fg_selected"] = means[3]  # share of present classes in M_fg
-            history.append({"step": it, "metrics": metrics})
-            live.log(it, metrics)
-            logits = image_logits(maps.detach(), num_classes)
-            spread = float(logits.std(dim=0).max()) if logits.shape[0] > 1 else 1.0
-            if is_main and spread < 1e-3 and not warned_dead:
-                warned_dead = True
-                print(f"train_cls: warning: at iteration {it} every image gets the same class scores (the "
-                      f"backbone's features died, typically from a too high learning rate); lower "
-                      f"train_cls.lr (now {cfg.lr})", file=sys.stderr)
-            live.summary({})
-            window[:] = 0
-            window_n = 0
-            if bar is not None:
-                post = {"loss": f"{means[0]:.4f}", "lr": f"{lr_now:.2e}"}
-                if cfg.method == "eps":
-                    post["fg"] = f"{means[3]:.2f}"
-                bar.set_postfix(**post)
-        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-            run_eval(it)
-        if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
-            save_checkpoint(it, elapsed_before + train_time)
-        if bar is not None:
-            bar.update(1)
-        if on_iteration is not None:
-            on_iteration(it)
-        t_iter = time.perf_counter()
-    if bar is not None:
-        bar.close()
-    cpu_used = cpu_seconds() - cpu_start  # includes the periodic evaluations and checkpoints, if any
-
-    done = it - start
-    result = run_eval(cfg.iterations)
-    summary: dict[str, Any] = {}
-    if is_main:
+    eps = cfg.method == "eps"
+    result = loop.train(loader, _loss_step(cfg, net, dctx.device, num_classes, predefined, loop.is_main), evaluate,
+                        logged=["train/loss", "train/loss_cls", "train/lr"]
+                        + (["train/loss_sal", "train/fg_selected"] if eps else []),
+                        live_dir=out_dir / "live", on_iteration=on_iteration, progress=progress,
+                        desc=f"train_cls {cfg.method}", postfix={"fg": "train/fg_selected"} if eps else None)
+    results, headline = {}, ""
+    if loop.is_main:
         val_map, aps = result
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        summary = {
-            "val": {"mAP": val_map,
-                    "AP": {n: (None if math.isnan(a) else a) for n, a in zip(reader.class_names, aps)}},
-            "perf": {"sec_per_iter": (train_time / done) if done else None,
-                     "cpu_sec_per_iter": (cpu_used / done) if done else None,
-                     "iterations_this_run": done, "resumed_from": start,
-                     "train_seconds_total": elapsed_before + train_time,
-                     "processes": dctx.world_size, "device": str(dctx.device),
-                     "threads": torch.get_num_threads(), "peak_rss_mb": peak_kb / 1024.0},
-        }
-        if dctx.device.type == "cuda":
-            summary["perf"]["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dctx.device) / 2**20
+        results = {"val": {"mAP": val_map,
+                           "AP": {n: (None if math.isnan(a) else a) for n, a in zip(reader.class_names, aps)}}}
         meta = {"method": cfg.method, "backbone": cfg.backbone, "num_classes": num_classes,
                 "class_names": list(reader.class_names), "output_stride": model.output_stride,
                 "head_dropout": cfg.head_dropout, "seed": seed, "iterations": cfg.iterations,
                 "train_cls": result_params(cfg), "val_mAP": val_map, "fingerprint": fingerprint}
         save_classifier(out_dir / "classifier.pt", model, meta)
-        live.summary({"val": summary["val"]})   # a DVC metric: results only, the perf figures go to timings
-        live.end()
-        write_timings(timings, {"perf": summary["perf"]})
-        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
-        spi = summary["perf"]["sec_per_iter"]
-        print(f"train_cls: wrote {out_dir / 'classifier.pt'}: val mAP {val_map:.4f}"
-              + (f", {spi:.3f} s/iteration" if spi else "")
-              + f", peak memory {summary['perf']['peak_rss_mb']:.0f} MiB", file=sys.stderr)
-    if dctx.world_size > 1:
-        dist.barrier()
-    return summary
+        headline = f"val mAP {val_map:.4f}"
+    return loop.finish(results, output=out_dir / "classifier.pt", headline=headline, timings=timings,
+                       perf={"workers": cfg.workers})
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.train_cls", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml", help="params file (e.g. configs/voc12.yaml)")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--saliency-dir", default="data/saliency")
-    ap.add_argument("--out", default="data/train_cls")
-    ap.add_argument("--state-dir", default=".state/train_cls", help="resume checkpoints (outside DVC outputs)")
-    ap.add_argument("--timings", default=str(timings_path("train_cls")),
-                    help="run-dependent figures (core.timings; not a DVC output)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("train_cls"))
+    def arguments(ap):
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--saliency-dir", default=SALIENCY_DIR)
+        ap.add_argument("--out", default=TRAIN_CLS_DIR)
+        ap.add_argument("--state-dir", default=TRAIN_CLS_STATE, help="resume checkpoints (outside DVC outputs)")
+
+    def body(args, params) -> None:
         run(params.train_cls, seed=params.seed, manifest=args.manifest, saliency_dir=args.saliency_dir,
             out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainClsError, DatasetError, ...
-        print(f"train_cls: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return stage_main("train_cls", __doc__, argv, arguments, body, timings=True)
 
 
 if __name__ == "__main__":

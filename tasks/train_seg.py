@@ -13,71 +13,49 @@ times the backbone rate, random rescale (a factor in ``scale_range``), horizonta
 or pixels a pseudo-mask left undecided) are ignored by the cross-entropy. The HDF5 file is opened
 lazily in each data-loader process (an h5py handle must not cross a fork).
 
-Resume. Every ``checkpoint_every`` iterations a checkpoint is written atomically to
+Resume (:mod:`core.trainer`). Every ``checkpoint_every`` iterations a checkpoint is written to
 ``.state/train_seg/<fingerprint>/ckpt.pt`` (outside the DVC output, which DVC deletes before a
-rerun): weights, optimiser, iteration, the logged history. The data order and every augmentation
-are pure functions of (seed, iteration, position) and the torch generator (dropout) is reseeded
-from (seed, iteration, rank) at every iteration, so a rerun after a kill continues with the same
-batches and random numbers and, on CPU, ends with bit-identical weights. The fingerprint covers the
-params that change the result, the seed, the number of processes, the data (manifest, train ids,
-the pseudo-mask file's checksum) and the code of ``models/`` and this file.
+rerun). The data order and every augmentation are pure functions of (seed, iteration, position) and
+the torch generator (dropout) is reseeded from (seed, iteration, rank) at every iteration, so the
+checkpoint needs no RNG state: a rerun after a kill continues with the same batches and random
+numbers and, on CPU, ends with bit-identical weights. The fingerprint covers the params that change
+the result, the seed, the number of processes, the data (manifest, train ids, the pseudo-mask file's
+checksum) and the code of ``models/``, the training loop and this file.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import resource
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from core import training
-from core.config import TrainSegConfig, load_params, result_params, stage_sections
-from core.timings import timings_path, write_timings
-from core.training import (
-    DistContext,
-    ResumableBatchSampler,
-    default_threads,
-    file_sha256,
-    files_fingerprint,
-    poly_lr,
-    sample_rng,
-    setup_distributed,
-)
-from models.deeplab import build_deeplab, save_segmenter
+from core.config import TrainSegConfig, result_params
+from core.hashing import file_sha256
+from core.paths import MANIFEST, PSEUDO_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
+from core.stage_cli import stage_main
+from core.trainer import TrainingLoop, training_process
+from core.training import DistContext, ResumableBatchSampler, sample_rng
+from dataio.dataset import SegImages
+from models.deeplab import DeepLab, build_deeplab, save_segmenter
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = 255
 _STREAM = 10  # random-stream salt of this stage (core.training)
-CKPT_FORMAT = "eps-wsss-train-seg-ckpt/1"
+CKPT_FORMAT = "eps-wsss-train-seg-ckpt/2"  # core.trainer's layout
 
 
 class TrainSegError(ValueError):
     """Bad input for the train_seg stage; the message names the file, id or params key."""
-
-
-class SegImages(Protocol):
-    """The part of ``dataio.datasets.SegDataset`` (CONTRACT.md) this stage uses."""
-
-    class_names: list[str]
-    num_classes: int
-
-    def ids(self, split: str) -> list[str]: ...
-    def load_image(self, image_id: str) -> np.ndarray: ...
-    def load_mask(self, image_id: str) -> np.ndarray | None: ...
-    def has_masks(self, split: str) -> bool: ...
 
 
 # --------------------------------------------------------------------------- masks
@@ -242,14 +220,10 @@ def quick_val_miou(model: torch.nn.Module, reader: SegImages, ids: list[str], de
 # --------------------------------------------------------------------------- helpers
 
 
-def _code_fingerprint() -> str:
-    return files_fingerprint(sorted((REPO / "models").glob("*.py")) + [Path(__file__).resolve()])
-
-
 def run_fingerprint(cfg: TrainSegConfig, seed: int, world_size: int, data_fp: str) -> str:
     """Identity of a training run: what a resume checkpoint must match."""
     params = result_params(cfg)  # operational knobs (threads, logging, ...) let a run resume
-    return training.run_fingerprint("train_seg", params, seed, world_size, data_fp, _code_fingerprint())
+    return training.run_fingerprint("train_seg", params, seed, world_size, data_fp, training.code_fingerprint("train_seg"))
 
 
 def _init_loader_worker(worker_id: int) -> None:
@@ -260,29 +234,6 @@ def _init_loader_worker(worker_id: int) -> None:
 def iteration_seed(seed: int, iteration: int, rank: int) -> int:
     """Seed of the torch generator (dropout) for one iteration of one process."""
     return int(np.random.SeedSequence([seed, 12, iteration, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class _Live:
-    """dvclive on rank 0 (no-op elsewhere); the history is replayed after a resume."""
-
-    def __init__(self, live_dir: Path | None):
-        self.live = None
-        if live_dir is not None:
-            from core.live_metrics import StageLive
-            self.live = StageLive(live_dir)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.live is None:
-            return
-        self.live.step = step
-        for k, v in metrics.items():
-            self.live.log_metric(k, v)
-        self.live.make_summary()
-
-    def end(self, extra: dict[str, Any]) -> None:
-        if self.live is not None:
-            self.live.summary.update(extra)
-            self.live.end()
 
 
 # --------------------------------------------------------------------------- input checks
@@ -352,9 +303,9 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
 # --------------------------------------------------------------------------- the stage
 
 
-def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prepared/dataset.json",
-        masks_path: str | Path = "data/pseudo_masks.h5", out_dir: str | Path = "data/train_seg",
-        state_dir: str | Path = ".state/train_seg", metrics_path: str | Path | None = "data/metrics/train_seg.json",
+def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
+        masks_path: str | Path = PSEUDO_MASKS, out_dir: str | Path = TRAIN_SEG_DIR,
+        state_dir: str | Path = TRAIN_SEG_STATE, metrics_path: str | Path | None = TRAIN_SEG_METRICS,
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
     """Train the segmenter; returns the summary written to ``<out_dir>/live/metrics.json``; its results
@@ -363,34 +314,14 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = "data/prep
     ``reader`` defaults to ``open_dataset(manifest)``. ``on_iteration(i)`` is called after
     iteration ``i`` (1-based) and its checkpoint, if any.
     """
-    dctx = setup_distributed(cfg.device, key="train_seg", error=TrainSegError)
-    threads_before = torch.get_num_threads()
-    deterministic_before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.set_num_threads(cfg.threads or default_threads(dctx.local_world_size))
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with training_process(cfg.device, cfg.threads, key="train_seg", error=TrainSegError) as dctx:
         return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
                       Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx,
                       timings)
-    finally:
-        torch.set_num_threads(threads_before)
-        torch.use_deterministic_algorithms(deterministic_before)
-        if dctx.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
-def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
-           state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
-           progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
-    is_main = dctx.rank == 0
-    if reader is None:
-        from dataio.manifest import open_dataset
-        reader = open_dataset(manifest)
-    train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and is_main)
-    num_classes = reader.num_classes
-    fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)
-    ckpt_path = state_dir / fingerprint / "ckpt.pt"
-
+def _build_model(cfg: TrainSegConfig, num_classes: int, seed: int,
+                 device: torch.device) -> tuple[DeepLab, torch.optim.Optimizer]:
     torch.manual_seed(seed)  # the same initial head in every process (DDP also broadcasts rank 0's)
     model = build_deeplab(cfg.head, cfg.backbone, num_classes, output_stride=cfg.output_stride,
                           pretrained=cfg.pretrained, weights_path=cfg.weights_path,
@@ -398,188 +329,96 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
                           dropout=cfg.dropout, aspp_rates=cfg.aspp_rates)
     if cfg.freeze_bn:
         model.freeze_batchnorm()
-    model.to(dctx.device)
+    model.to(device)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return model, optimizer
 
-    start, history, elapsed_before = 0, [], 0.0
-    if ckpt_path.is_file():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise TrainSegError(f"resume checkpoint {ckpt_path} is unreadable ({e}); delete it to start over") from e
-        if ckpt.get("format") != CKPT_FORMAT or ckpt.get("fingerprint") != fingerprint:
-            raise TrainSegError(f"{ckpt_path} belongs to another run; delete it to start over")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start, history, elapsed_before = int(ckpt["iteration"]), list(ckpt["history"]), float(ckpt["elapsed"])
-        if is_main:
-            print(f"train_seg: resuming from {ckpt_path} at iteration {start}/{cfg.iterations}", file=sys.stderr)
 
-    net: torch.nn.Module = model
-    if dctx.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dctx.device.index] if dctx.device.type == "cuda" else None)
+def _write_outputs(cfg: TrainSegConfig, seed: int, model: DeepLab, reader: SegImages, fingerprint: str,
+                   masks_path: Path, out_dir: Path, metrics_path: Path | None, results: dict) -> None:
+    meta = {"head": cfg.head, "backbone": cfg.backbone, "num_classes": reader.num_classes,
+            "class_names": list(reader.class_names), "output_stride": model.output_stride,
+            "largefov_rate": cfg.largefov_rate, "largefov_channels": cfg.largefov_channels,
+            "dropout": cfg.dropout, "aspp_rates": list(cfg.aspp_rates),
+            "mask_source": cfg.mask_source, "seed": seed, "train_seg": result_params(cfg),
+            "fingerprint": fingerprint}
+    if cfg.mask_source == "pseudo":
+        meta["pseudo_masks_sha256"] = file_sha256(masks_path)
+    save_segmenter(out_dir / "segmenter.pt", model, meta)
+    if metrics_path is not None:
+        from core.atomic import write_text_atomic
+        write_text_atomic(metrics_path, json.dumps(
+            {"mask_source": cfg.mask_source, "head": cfg.head, "backbone": cfg.backbone,
+             "iterations": cfg.iterations, **results}, indent=2) + "\n")
+
+
+def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
+           state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
+           progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
+    if reader is None:
+        from dataio.manifest import open_dataset
+        reader = open_dataset(manifest)
+    train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and dctx.rank == 0)
+    num_classes = reader.num_classes
+    fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)
+    loop = TrainingLoop("train_seg", cfg, dctx, ckpt_format=CKPT_FORMAT, fingerprint=fingerprint,
+                        state_dir=state_dir, error=TrainSegError, grad_clip=cfg.grad_clip)
+    model, optimizer = _build_model(cfg, num_classes, seed, dctx.device)
+    net = loop.prepare(model, optimizer)
 
     masks = MaskSource(cfg.mask_source, reader, masks_path)
     dataset = SegTrainSamples(reader, train_ids, masks, cfg.crop_size, tuple(cfg.scale_range), cfg.flip,
                               model.backbone.input_mean)
-    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, start, cfg.iterations,
+    sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, loop.start, cfg.iterations,
                                     dctx.rank, dctx.world_size, stream=_STREAM, key="train_seg", error=TrainSegError)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=dctx.device.type == "cuda", worker_init_fn=_init_loader_worker,
                         generator=torch.Generator().manual_seed(seed))
 
-    live = _Live(out_dir / "live" if is_main else None)
-    for row in history:
-        live.log(row["step"], row["metrics"])
-
-    def save_checkpoint(iteration: int, elapsed: float) -> None:
-        if is_main:
-            from core.atomic import atomic_path
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"format": CKPT_FORMAT, "fingerprint": fingerprint, "iteration": iteration,
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "history": history, "elapsed": elapsed}, tmp)
-        if dctx.world_size > 1:
-            dist.barrier()
-
-    def mean_over_processes(value: float) -> float:
-        if dctx.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=dctx.device)
-        dist.all_reduce(t)
-        return float(t.item()) / dctx.world_size
-
-    def run_eval(step: int) -> float | None:
-        miou = None
-        if is_main and val_ids and reader.has_masks("val"):
-            miou = quick_val_miou(model, reader, val_ids, dctx.device, num_classes)
-            history.append({"step": step, "metrics": {"val/mIoU_single_scale": miou}})
-            live.log(step, {"val/mIoU_single_scale": miou})
-        if dctx.world_size > 1:
-            dist.barrier()
-        return miou
-
-    net.train()
-    bar = None
-    if progress and is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.iterations, initial=start, desc=f"train_seg {cfg.head} ({cfg.mask_source})",
-                   unit="it", dynamic_ncols=True, file=sys.stderr)
-    window, window_n, window_norm, train_time = 0.0, 0, 0.0, 0.0
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    t_iter = time.perf_counter()
-    it = start
-    for batch in loader:
-        for group in optimizer.param_groups:
-            group["lr"] = poly_lr(group["initial_lr"], it, cfg.iterations, cfg.poly_power)
-        lr_now = poly_lr(cfg.lr, it, cfg.iterations, cfg.poly_power)
+    def step(batch: dict, it: int) -> tuple[torch.Tensor, dict[str, float]]:
         torch.manual_seed(iteration_seed(seed, it, dctx.rank))  # dropout: a function of the iteration
         images = batch["image"].to(dctx.device, non_blocking=True)
         target = batch["mask"].to(dctx.device, non_blocking=True)
         loss = segmentation_loss(net(images), target)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_seg: loss is {loss.item()} at iteration {it + 1}; lower "
-                                     f"train_seg.lr (now {cfg.lr})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
-            window_norm += grad_norm
-        optimizer.step()
-        it += 1
-        window += loss.item()
-        window_n += 1
-        now = time.perf_counter()
-        train_time += now - t_iter
+        return loss, {"train/loss": loss.item()}
 
-        if it % cfg.log_every == 0 or it == cfg.iterations:
-            mean_loss = mean_over_processes(window / window_n)
-            metrics = {"train/loss": mean_loss, "train/lr": lr_now}
-            if cfg.grad_clip > 0:
-                metrics["train/grad_norm"] = window_norm / window_n  # before clipping
-            history.append({"step": it, "metrics": metrics})
-            live.log(it, metrics)
-            window, window_n, window_norm = 0.0, 0, 0.0
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}")
-        if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
-            run_eval(it)
-        if it % cfg.checkpoint_every == 0 and it < cfg.iterations:
-            save_checkpoint(it, elapsed_before + train_time)
-        if bar is not None:
-            bar.update(1)
-        if on_iteration is not None:
-            on_iteration(it)
-        t_iter = time.perf_counter()
-    if bar is not None:
-        bar.close()
+    def evaluate() -> tuple[dict[str, float] | None, float | None]:
+        if not (val_ids and reader.has_masks("val")):
+            return None, None
+        miou = quick_val_miou(model, reader, val_ids, dctx.device, num_classes)
+        return {"val/mIoU_single_scale": miou}, miou
+
+    val_miou = loop.train(loader, step, evaluate,
+                          logged=["train/loss", "train/lr"] + (["train/grad_norm"] if cfg.grad_clip > 0 else []),
+                          live_dir=out_dir / "live", on_iteration=on_iteration, progress=progress,
+                          desc=f"train_seg {cfg.head} ({cfg.mask_source})")
     masks.close()
-
-    done = it - start
-    val_miou = run_eval(cfg.iterations)
-    summary: dict[str, Any] = {}
-    if is_main:
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        total_time = elapsed_before + train_time
-        summary = {
-            "val/mIoU_single_scale": val_miou,
-            "perf": {"train_seconds": total_time, "sec_per_iter": (train_time / done) if done else None,
-                     "iterations_this_run": done, "resumed_from": start,
-                     "processes": dctx.world_size, "device": str(dctx.device),
-                     "threads": torch.get_num_threads(), "workers": cfg.workers,
-                     "peak_rss_mb": peak_kb / 1024.0},
-        }
-        if dctx.device.type == "cuda":
-            summary["perf"]["peak_cuda_mb"] = torch.cuda.max_memory_allocated(dctx.device) / 2**20
-        meta = {"head": cfg.head, "backbone": cfg.backbone, "num_classes": num_classes,
-                "class_names": list(reader.class_names), "output_stride": model.output_stride,
-                "largefov_rate": cfg.largefov_rate, "largefov_channels": cfg.largefov_channels,
-                "dropout": cfg.dropout, "aspp_rates": list(cfg.aspp_rates),
-                "mask_source": cfg.mask_source, "seed": seed, "train_seg": result_params(cfg),
-                "fingerprint": fingerprint}
-        if cfg.mask_source == "pseudo":
-            meta["pseudo_masks_sha256"] = file_sha256(masks_path)
-        save_segmenter(out_dir / "segmenter.pt", model, meta)
-        live.end({k: v for k, v in summary.items() if k != "perf"})  # git-tracked: results only
-        if metrics_path is not None:
-            from core.atomic import write_text_atomic
-            write_text_atomic(metrics_path, json.dumps(
-                {"mask_source": cfg.mask_source, "head": cfg.head, "backbone": cfg.backbone,
-                 "iterations": cfg.iterations, **{k: v for k, v in summary.items() if k != "perf"}},
-                indent=2) + "\n")
-        write_timings(timings, {"perf": summary["perf"]})
-        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
-    if dctx.world_size > 1:
-        dist.barrier()
-    return summary
+    results: dict = {}
+    if loop.is_main:
+        results = {"val/mIoU_single_scale": val_miou}
+        _write_outputs(cfg, seed, model, reader, fingerprint, masks_path, out_dir, metrics_path, results)
+    headline = f"val mIoU (single scale) {val_miou:.4f}" if val_miou is not None else "no val masks to score"
+    return loop.finish(results, output=out_dir / "segmenter.pt", headline=headline, timings=timings,
+                       perf={"workers": cfg.workers})
 
 
 # --------------------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tasks.train_seg", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", default="params.yaml", help="params file (e.g. configs/voc12_seg.yaml)")
-    ap.add_argument("--manifest", default="data/prepared/dataset.json")
-    ap.add_argument("--masks", default="data/pseudo_masks.h5", help="pseudo-mask HDF5 file (mask_source: pseudo)")
-    ap.add_argument("--out", default="data/train_seg")
-    ap.add_argument("--state-dir", default=".state/train_seg", help="resume checkpoints (outside DVC outputs)")
-    ap.add_argument("--metrics", default="data/metrics/train_seg.json", help="summary metrics ('' = none)")
-    ap.add_argument("--timings", default=str(timings_path("train_seg")),
-                    help="run-dependent figures (core.timings; not a DVC output)")
-    args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params, sections=stage_sections("train_seg"))
+    def arguments(ap):
+        ap.add_argument("--manifest", default=MANIFEST)
+        ap.add_argument("--masks", default=PSEUDO_MASKS, help="pseudo-mask HDF5 file (mask_source: pseudo)")
+        ap.add_argument("--out", default=TRAIN_SEG_DIR)
+        ap.add_argument("--state-dir", default=TRAIN_SEG_STATE, help="resume checkpoints (outside DVC outputs)")
+        ap.add_argument("--metrics", default=TRAIN_SEG_METRICS, help="summary metrics ('' = none)")
+
+    def body(args, params) -> None:
         run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
-            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None,
-            timings=args.timings)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, TrainSegError, DatasetError, ...
-        print(f"train_seg: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None, timings=args.timings)
+
+    return stage_main("train_seg", __doc__, argv, arguments, body, timings=True)
 
 
 if __name__ == "__main__":

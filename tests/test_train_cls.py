@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,19 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     loss_rows = (tmp_path / "run" / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert [r.split("\t")[0] for r in loss_rows[1:]] == [str(i) for i in range(1, 7)]
 
+
+
+def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    def stop(i):
+        if i == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tiny_cfg(), on_iteration=stop)
+    [ckpt] = (tmp_path / "state").glob("*/ckpt.pt")
+    ckpt.write_bytes(ckpt.read_bytes()[:100])          # e.g. a disk that filled up under another writer
+    with pytest.raises(TrainClsError, match=f"resume checkpoint {re.escape(str(ckpt))} is unreadable.*delete it"):
+        _run(tmp_path, tiny_cfg())
+    assert not (tmp_path / "out" / "classifier.pt").exists()
 
 _DDP_SCRIPT = """
 import json, sys

@@ -263,6 +263,22 @@ def test_resume_after_kill_gives_identical_weights(tmp_path):
     assert [r.split("\t")[0] for r in rows[1:]] == [str(i) for i in range(1, 7)]
 
 
+
+def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path):
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
+
+    def stop(i):
+        if i == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "seg", tiny_cfg(), reader, h5, on_iteration=stop)
+    [ckpt] = (tmp_path / "seg_state").glob("*/ckpt.pt")
+    ckpt.write_bytes(b"")
+    with pytest.raises(TrainSegError, match=f"resume checkpoint {re.escape(str(ckpt))} is unreadable.*delete it"):
+        _train(tmp_path, "seg", tiny_cfg(), reader, h5)
+    assert not (tmp_path / "seg" / "segmenter.pt").exists()
+
 _DDP_SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
