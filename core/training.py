@@ -140,3 +140,19 @@ def code_fingerprint(stage: str) -> str:
     from core.stage_deps import REPO, code_deps
 
     return files_fingerprint(REPO / path for path in code_deps(stage))
+
+
+def crop_window(h: int, w: int, crop: int, rng: np.random.Generator) -> tuple[slice, slice, slice, slice]:
+    """psa's RandomCrop window for an ``h`` x ``w`` image: ``(canvas rows, canvas cols, image rows,
+    image cols)``; where the image is smaller than ``crop`` it lands at a random place on the canvas.
+    Rows are drawn before columns (both trainers' resume depends on this order)."""
+    def offsets(size: int) -> tuple[int, int]:
+        space = size - crop
+        if space > 0:
+            return 0, int(rng.integers(0, space + 1))   # canvas offset, image offset
+        return int(rng.integers(0, -space + 1)), 0
+
+    cy, iy = offsets(h)
+    cx, ix = offsets(w)
+    ch, cw = min(crop, h), min(crop, w)
+    return slice(cy, cy + ch), slice(cx, cx + cw), slice(iy, iy + ch), slice(ix, ix + cw)

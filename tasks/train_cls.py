@@ -47,7 +47,7 @@ from core.config import TrainClsConfig, result_params
 from core.paths import MANIFEST, SALIENCY_DIR, TRAIN_CLS_DIR, TRAIN_CLS_STATE
 from core.stage_cli import stage_main
 from core.trainer import Step, TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, sample_rng
+from core.training import DistContext, ResumableBatchSampler, crop_window, sample_rng
 from dataio.dataset import SegImages
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
@@ -154,21 +154,12 @@ def _random_crop(img: torch.Tensor, sal: torch.Tensor | None, crop: int, rng: np
                  pad_value: torch.Tensor):
     """psa's RandomCrop: a random ``crop`` window, padding where the image is smaller."""
     _, h, w = img.shape
-
-    def offsets(size):
-        space = size - crop
-        if space > 0:
-            return 0, int(rng.integers(0, space + 1))   # canvas offset, image offset
-        return int(rng.integers(0, -space + 1)), 0
-
-    cy, iy = offsets(h)
-    cx, ix = offsets(w)
-    ch, cw = min(crop, h), min(crop, w)
+    rows, cols, img_rows, img_cols = crop_window(h, w, crop, rng)
     out = pad_value.expand(3, crop, crop).clone()
-    out[:, cy:cy + ch, cx:cx + cw] = img[:, iy:iy + ch, ix:ix + cw]
+    out[:, rows, cols] = img[:, img_rows, img_cols]
     out_sal = torch.zeros(1, crop, crop)
     if sal is not None:
-        out_sal[:, cy:cy + ch, cx:cx + cw] = sal[:, iy:iy + ch, ix:ix + cw]
+        out_sal[:, rows, cols] = sal[:, img_rows, img_cols]
     return out, out_sal
 
 

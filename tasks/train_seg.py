@@ -44,7 +44,7 @@ from core.hashing import file_sha256
 from core.paths import MANIFEST, PSEUDO_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, sample_rng
+from core.training import DistContext, ResumableBatchSampler, crop_window, sample_rng
 from dataio.dataset import SegImages
 from models.deeplab import DeepLab, build_deeplab, save_segmenter
 
@@ -163,22 +163,12 @@ def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop:
         mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
     if flip and rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
-    h, w = mask.shape
-
-    def offsets(size: int) -> tuple[int, int]:
-        space = size - crop
-        if space > 0:
-            return 0, int(rng.integers(0, space + 1))  # canvas offset, image offset
-        return int(rng.integers(0, -space + 1)), 0
-
-    cy, iy = offsets(h)
-    cx, ix = offsets(w)
-    ch, cw = min(crop, h), min(crop, w)
+    rows, cols, img_rows, img_cols = crop_window(*mask.shape, crop, rng)
     out = np.empty((crop, crop, 3), dtype=np.float32)
     out[:] = pad_value
-    out[cy:cy + ch, cx:cx + cw] = image[iy:iy + ch, ix:ix + cw].astype(np.float32) / 255.0
+    out[rows, cols] = image[img_rows, img_cols].astype(np.float32) / 255.0
     out_mask = np.full((crop, crop), IGNORE, dtype=np.uint8)
-    out_mask[cy:cy + ch, cx:cx + cw] = mask[iy:iy + ch, ix:ix + cw]
+    out_mask[rows, cols] = mask[img_rows, img_cols]
     return out, out_mask
 
 
