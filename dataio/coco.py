@@ -12,7 +12,7 @@ import numpy as np
 
 from core.atomic import write_text_atomic
 from dataio.dataset import SegDataset
-from dataio.files import MANIFEST_FORMAT, DatasetError, _portable_path
+from dataio.files import DatasetError
 from dataio.labels import read_label_file
 
 
@@ -194,16 +194,7 @@ class COCODataset(SegDataset):
         return path
 
     def describe(self, manifest_dir: Path, project_dir: Path) -> dict:
-        return {
-            "format": MANIFEST_FORMAT,
-            "kind": self.kind,
-            "root": _portable_path(self.root, manifest_dir, project_dir),
-            "mask_dir": self.mask_dir,
-            "labels": _portable_path(self.labels_path, manifest_dir, project_dir) if self.labels_path else None,
-            "class_names": self.class_names,
-            "splits": dict(self.splits),
-            "index": _portable_path(self.index_path, manifest_dir, project_dir) if self.index_path else None,
-        }
+        return self._describe(manifest_dir, project_dir, index=self.index_path)
 
 
 class _CocoLabels:

@@ -12,12 +12,12 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dataio.files import IGNORE_INDEX, DatasetError, read_image_file
+from dataio.files import IGNORE_INDEX, MANIFEST_FORMAT, DatasetError, _portable_path, read_image_file
 from dataio.label_png import _check_value_counts, _image_value_counts, _mask_array, read_mask_file
 from dataio.labels import _labels_from_counts, _labels_from_mask, read_label_file
 
@@ -89,8 +89,18 @@ class SegDataset:
         return read_label_file(self.labels_path, self.class_names)
 
     def describe(self, manifest_dir: Path, project_dir: Path) -> dict:
-        """The manifest entry for this dataset (see :func:`write_manifest`)."""
+        """The manifest entry for this dataset (see :func:`dataio.manifest.write_manifest`); layouts
+        add their own keys to :meth:`_describe`'s."""
         raise NotImplementedError
+
+    def _describe(self, manifest_dir: Path, project_dir: Path, **layout: Any) -> dict:
+        def portable(path: Path | None) -> str | None:
+            return _portable_path(path, manifest_dir, project_dir) if path else None
+
+        return {"format": MANIFEST_FORMAT, "kind": self.kind, "root": portable(self.root),
+                "mask_dir": self.mask_dir, "labels": portable(self.labels_path),
+                "class_names": self.class_names, "splits": dict(self.splits),
+                **{k: portable(v) if isinstance(v, Path) else v for k, v in layout.items()}}
 
     # ----- shared behaviour
     def physical_split(self, split: str) -> str:

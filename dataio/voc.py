@@ -11,10 +11,8 @@ from dataio.dataset import SegDataset
 from dataio.files import (
     IMAGE_EXTENSIONS,
     LIST_DIR,
-    MANIFEST_FORMAT,
     VOC_CLASSES,
     DatasetError,
-    _portable_path,
     read_class_names,
     read_id_list,
 )
@@ -117,16 +115,7 @@ class VOCDataset(SegDataset):
         return self.root / self.context_dir / f"{image_id}.png" if self.context_names else None
 
     def describe(self, manifest_dir: Path, project_dir: Path) -> dict:
-        return {
-            "format": MANIFEST_FORMAT,
-            "kind": self.kind,
-            "root": _portable_path(self.root, manifest_dir, project_dir),
-            "image_dir": self.image_dir,
-            "mask_dir": self.mask_dir,
-            "labels": _portable_path(self.labels_path, manifest_dir, project_dir) if self.labels_path else None,
-            "class_names": self.class_names,
-            "splits": dict(self.splits),
-            "context_dir": self.context_dir if self.context_names else None,
-            "contexts": [{"id": k, "name": n, "class": self.context_class[k]}
-                         for k, n in enumerate(self.context_names, start=1)] or None,
-        }
+        return self._describe(manifest_dir, project_dir, image_dir=self.image_dir,
+                              context_dir=self.context_dir if self.context_names else None,
+                              contexts=[{"id": k, "name": n, "class": self.context_class[k]}
+                                        for k, n in enumerate(self.context_names, start=1)] or None)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BACKBONES = ("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101")
+from core.config import BACKBONES  # the one list: params validation names the same
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.atomic import save_torch_atomic
-from core.hashing import file_sha256
 from models.backbones import Backbone, build_backbone
 from models.frozen_bn import FrozenBatchNormModule
+from models.model_file import load_weights, read_model_file, save_model_file
 
 METHODS = ("eps", "cam")
 FILE_FORMAT = "eps-wsss-classifier/1"
@@ -80,9 +79,7 @@ def save_classifier(path: str | Path, model: MapClassifier, meta: dict) -> None:
     for key in ("method", "backbone", "num_classes", "class_names", "output_stride"):
         if key not in meta:
             raise ValueError(f"classifier metadata lacks '{key}'")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    meta = dict(meta, head_dropout=meta.get("head_dropout", 0.0))
-    save_torch_atomic({"format": FILE_FORMAT, "meta": meta, "state_dict": state}, path)
+    save_model_file(path, model, dict(meta, head_dropout=meta.get("head_dropout", 0.0)), FILE_FORMAT)
 
 
 def load_classifier(checkpoint_path: str | Path, map_location="cpu") -> tuple[MapClassifier, dict]:
@@ -92,24 +89,11 @@ def load_classifier(checkpoint_path: str | Path, map_location="cpu") -> tuple[Ma
     output_stride, sha256 of the file, plus the training params it was made with.
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise ClassifierError(f"classifier file not found: {path} (run the train_cls stage first)")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ClassifierError(f"cannot read classifier file {path}: {e}") from e
-    if not isinstance(obj, dict) or obj.get("format") != FILE_FORMAT:
-        raise ClassifierError(f"{path} is not a classifier written by train_cls "
-                              f"(expected format {FILE_FORMAT})")
-    meta = dict(obj["meta"])
+    obj = read_model_file(path, FILE_FORMAT, "classifier", "train_cls", ClassifierError)
+    meta = obj["meta"]
     model = build_classifier(meta["method"], meta["backbone"], int(meta["num_classes"]),
                              output_stride=int(meta["output_stride"]), pretrained=False,
                              head_dropout=float(meta.get("head_dropout", 0.0)))
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except RuntimeError as e:
-        raise ClassifierError(f"{path}: weights do not fit a {meta['method']} {meta['backbone']} "
-                              f"classifier: {e}") from e
-    meta["sha256"] = file_sha256(path)
+    meta = load_weights(model, obj, path, f"{meta['method']} {meta['backbone']} classifier", ClassifierError)
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     return model.eval(), meta

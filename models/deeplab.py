@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.atomic import save_torch_atomic
 from models.backbones import Backbone, build_backbone
 from models.frozen_bn import FrozenBatchNormModule
+from models.model_file import load_weights, read_model_file, save_model_file
 
 HEADS = ("largefov", "aspp")
 FILE_FORMAT = "eps-wsss-segmenter/1"
@@ -156,33 +156,18 @@ def save_segmenter(path: str | Path, model: DeepLab, meta: dict) -> None:
     missing = [k for k in _ARCH_KEYS if k not in meta]
     if missing:
         raise ValueError(f"segmenter metadata lacks {', '.join(missing)}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch_atomic({"format": FILE_FORMAT, "meta": dict(meta), "state_dict": state}, path)
+    save_model_file(path, model, dict(meta), FILE_FORMAT)
 
 
 def load_segmenter(path: str | Path, map_location="cpu") -> tuple[DeepLab, dict]:
     """Rebuild a trained segmenter (eval mode) and its metadata from ``path``."""
-    from core.hashing import file_sha256
-
     path = Path(path)
-    if not path.is_file():
-        raise SegmenterError(f"segmenter file not found: {path} (run the train_seg stage first)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SegmenterError(f"cannot read segmenter file {path}: {e}") from e
-    if not isinstance(obj, dict) or obj.get("format") != FILE_FORMAT:
-        raise SegmenterError(f"{path} is not a segmenter written by train_seg (expected format {FILE_FORMAT})")
-    meta = dict(obj["meta"])
+    obj = read_model_file(path, FILE_FORMAT, "segmenter", "train_seg", SegmenterError)
+    meta = obj["meta"]
     model = build_deeplab(meta["head"], meta["backbone"], int(meta["num_classes"]),
                           output_stride=int(meta["output_stride"]), pretrained=False,
                           largefov_rate=int(meta["largefov_rate"]),
                           largefov_channels=int(meta["largefov_channels"]),
                           dropout=float(meta["dropout"]), aspp_rates=list(meta["aspp_rates"]))
-    try:
-        model.load_state_dict(obj["state_dict"])
-    except RuntimeError as e:
-        raise SegmenterError(f"{path}: weights do not fit a {meta['head']} {meta['backbone']} "
-                             f"segmenter: {e}") from e
-    meta["sha256"] = file_sha256(path)
+    meta = load_weights(model, obj, path, f"{meta['head']} {meta['backbone']} segmenter", SegmenterError)
     return model.to(map_location).eval(), meta
