@@ -15,18 +15,23 @@ from core.config import Params, load_params, stage_sections
 from core.timings import timings_path
 
 
-def stage_main(stage: str, doc: str | None, argv: list[str] | None,
-               add_arguments: Callable[[argparse.ArgumentParser], None],
+def stage_main(stage: str, doc: str | None, argv: list[str] | None, paths: dict[str, str | tuple[str, str]],
                body: Callable[[argparse.Namespace, Params], str | None], *, timings: bool = False,
-               sections: str | None = None) -> int:
+               sections: str | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
     """Parse ``argv``, load the params ``stage`` (or ``sections``'s stage) reads, run ``body``; print
-    the summary line it returns. ``timings`` adds ``--timings`` (run-dependent figures, :mod:`core.timings`)."""
+    the summary line it returns. ``paths`` maps each path option to its default (or ``(default, help)``);
+    ``timings`` adds ``--timings`` (run-dependent figures, :mod:`core.timings`)."""
     ap = argparse.ArgumentParser(prog=f"python -m tasks.{stage}", description=(doc or "").split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml", help="params file (e.g. configs/voc12.yaml)")
     if timings:
         ap.add_argument("--timings", default=str(timings_path(stage)),
                         help="run-dependent figures (core.timings; not a DVC output)")
-    add_arguments(ap)
+    for flag, spec in paths.items():
+        default, help_text = spec if isinstance(spec, tuple) else (spec, None)
+        ap.add_argument(flag, default=default, help=help_text)
+    if add_arguments is not None:
+        add_arguments(ap)
     args = ap.parse_args(argv)
     try:
         params = load_params(args.params, sections=stage_sections(sections or stage))

@@ -410,15 +410,12 @@ def run(cfg: EvaluateConfig, *, predictions: str | Path = PSEUDO_MASKS,
 
 def main(argv: list[str] | None = None) -> int:
     def arguments(ap):
-        ap.add_argument("--predictions", default=PSEUDO_MASKS,
-                        help="pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps")
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--cams", default=CAMS_DIR, help="CAM folder for the sweep and report ('' = none)")
-        ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps for the report ('' = none)")
-        ap.add_argument("--out", default=EVAL_DIR)
-        ap.add_argument("--metrics", default=EVAL_PSEUDO_METRICS)
-        ap.add_argument("--plots", default=THRESHOLD_SWEEP_PLOT)
         ap.add_argument("--splits", nargs="*", help="override evaluate.splits (e.g. val for segmentation predictions)")
+
+    paths = {"--predictions": (PSEUDO_MASKS, "pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps"),
+             "--manifest": MANIFEST, "--cams": (CAMS_DIR, "CAM folder for the sweep and report ('' = none)"),
+             "--saliency-dir": (SALIENCY_DIR, "saliency maps for the report ('' = none)"), "--out": EVAL_DIR,
+             "--metrics": EVAL_PSEUDO_METRICS, "--plots": THRESHOLD_SWEEP_PLOT}
 
     def body(args, params) -> str:
         m = run(params.evaluate, predictions=args.predictions, manifest=args.manifest, cams_dir=args.cams or None,
@@ -427,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{m['images']} images: mIoU {m['miou']}, boundary F1 {m['boundary']['f1']}, "
                 f"mean confusion ratio {m['cooccurrence']['mean_ratio']} -> {args.metrics}")
 
-    return stage_main("evaluate", __doc__, argv, arguments, body)
+    return stage_main("evaluate", __doc__, argv, paths, body, add_arguments=arguments)
 
 
 if __name__ == "__main__":

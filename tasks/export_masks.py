@@ -231,11 +231,8 @@ def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = CAMS_DIR,
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--cams", default=CAMS_DIR)
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--out", default=PSEUDO_MASKS)
-        ap.add_argument("--saliency-dir", default=SALIENCY_DIR, help="saliency maps (background: saliency)")
+    paths = {"--cams": CAMS_DIR, "--manifest": MANIFEST, "--out": PSEUDO_MASKS,
+             "--saliency-dir": (SALIENCY_DIR, "saliency maps (background: saliency)")}
 
     def body(args, params) -> str:
         t = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,
@@ -243,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{t['images']} masks in {args.out} ({t['images_per_s']} images/s, "
                 f"crf: {'on' if t['crf'] else 'off'}, {t['workers']} worker(s))")
 
-    return stage_main("export_masks", __doc__, argv, arguments, body, timings=True)
+    return stage_main("export_masks", __doc__, argv, paths, body, timings=True)
 
 
 if __name__ == "__main__":

@@ -427,10 +427,7 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--checkpoint", default=CLASSIFIER)
-        ap.add_argument("--out", default=CAMS_DIR)
+    paths = {"--manifest": MANIFEST, "--checkpoint": CLASSIFIER, "--out": CAMS_DIR}
 
     def body(args, params) -> str:
         meta = run(params.infer_cam, manifest=args.manifest, checkpoint=args.checkpoint, out_dir=args.out,
@@ -439,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return (f"{len(meta['ids'])} images in {args.out} ({t['images']} inferred now"
                 + (f", {t['images_per_s']:.2f} images/s on {t['device']}" if t["images_per_s"] else "") + ")")
 
-    return stage_main("infer_cam", __doc__, argv, arguments, body, timings=True)
+    return stage_main("infer_cam", __doc__, argv, paths, body, timings=True)
 
 
 if __name__ == "__main__":

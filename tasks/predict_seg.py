@@ -246,18 +246,15 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--segmenter", default=SEGMENTER)
-        ap.add_argument("--out", default=PREDICT_DIR)
-        ap.add_argument("--state-dir", default=PREDICT_SEG_STATE, help="partial predictions (resume)")
+    paths = {"--manifest": MANIFEST, "--segmenter": SEGMENTER, "--out": PREDICT_DIR,
+             "--state-dir": (PREDICT_SEG_STATE, "partial predictions (resume)")}
 
     def body(args, params) -> str:
         result = run(params.predict_seg, manifest=args.manifest, segmenter=args.segmenter,
                      out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
         return f"{result['images']} masks in {Path(args.out) / 'masks'}"
 
-    return stage_main("predict_seg", __doc__, argv, arguments, body, timings=True)
+    return stage_main("predict_seg", __doc__, argv, paths, body, timings=True)
 
 
 if __name__ == "__main__":

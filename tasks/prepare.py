@@ -307,16 +307,14 @@ def _summary(metrics: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--out", default=PREPARED_DIR)
-        ap.add_argument("--metrics", default=PREPARE_METRICS)
+    paths = {"--out": PREPARED_DIR, "--metrics": PREPARE_METRICS}
 
     def body(args, params) -> str:
         start = time.perf_counter()
         metrics = run(params, args.out, args.metrics)
         return f"{args.out} ready in {time.perf_counter() - start:.1f} s: {_summary(metrics)}"
 
-    return stage_main("prepare", __doc__, argv, arguments, body)
+    return stage_main("prepare", __doc__, argv, paths, body)
 
 
 if __name__ == "__main__":

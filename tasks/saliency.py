@@ -567,17 +567,17 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
 
 def main(argv: list[str] | None = None) -> int:
     def arguments(ap):
-        ap.add_argument("--manifest", default=MANIFEST, help="dataset manifest from prepare")
-        ap.add_argument("--out", default=SALIENCY_DIR)
-        ap.add_argument("--metrics", default=SALIENCY_METRICS)
         ap.add_argument("--no-progress", action="store_true")
+
+    paths = {"--manifest": (MANIFEST, "dataset manifest from prepare"), "--out": SALIENCY_DIR,
+             "--metrics": SALIENCY_METRICS}
 
     def body(args, params) -> None:
         from dataio.manifest import open_dataset
 
         run(params.saliency, open_dataset(args.manifest), args.out, args.metrics, progress=not args.no_progress)
 
-    return stage_main("saliency", __doc__, argv, arguments, body)
+    return stage_main("saliency", __doc__, argv, paths, body, add_arguments=arguments)
 
 
 if __name__ == "__main__":

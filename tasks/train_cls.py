@@ -426,17 +426,14 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--saliency-dir", default=SALIENCY_DIR)
-        ap.add_argument("--out", default=TRAIN_CLS_DIR)
-        ap.add_argument("--state-dir", default=TRAIN_CLS_STATE, help="resume checkpoints (outside DVC outputs)")
+    paths = {"--manifest": MANIFEST, "--saliency-dir": SALIENCY_DIR, "--out": TRAIN_CLS_DIR,
+             "--state-dir": (TRAIN_CLS_STATE, "resume checkpoints (outside DVC outputs)")}
 
     def body(args, params) -> None:
         run(params.train_cls, seed=params.seed, manifest=args.manifest, saliency_dir=args.saliency_dir,
             out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
 
-    return stage_main("train_cls", __doc__, argv, arguments, body, timings=True)
+    return stage_main("train_cls", __doc__, argv, paths, body, timings=True)
 
 
 if __name__ == "__main__":

@@ -397,18 +397,15 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(ap):
-        ap.add_argument("--manifest", default=MANIFEST)
-        ap.add_argument("--masks", default=PSEUDO_MASKS, help="pseudo-mask HDF5 file (mask_source: pseudo)")
-        ap.add_argument("--out", default=TRAIN_SEG_DIR)
-        ap.add_argument("--state-dir", default=TRAIN_SEG_STATE, help="resume checkpoints (outside DVC outputs)")
-        ap.add_argument("--metrics", default=TRAIN_SEG_METRICS, help="summary metrics ('' = none)")
+    paths = {"--manifest": MANIFEST, "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file (mask_source: pseudo)"),
+             "--out": TRAIN_SEG_DIR, "--state-dir": (TRAIN_SEG_STATE, "resume checkpoints (outside DVC outputs)"),
+             "--metrics": (TRAIN_SEG_METRICS, "summary metrics ('' = none)")}
 
     def body(args, params) -> None:
         run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
             out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None, timings=args.timings)
 
-    return stage_main("train_seg", __doc__, argv, arguments, body, timings=True)
+    return stage_main("train_seg", __doc__, argv, paths, body, timings=True)
 
 
 if __name__ == "__main__":
