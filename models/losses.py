@@ -15,9 +15,8 @@ Notation (maps are the raw head outputs, ``(B, K, h, w)``):
   ``empty_maps="foreground"``: the paper leaves 0/0 undefined, and counting it as background
   traps training (at initialisation no class probability exceeds 0.5, every present class
   joins the background, and L_sal then pushes each class *out* of the salient region, so it
-  never crosses tau; measured on the embedded data: 11% of present classes selected as
-  foreground after 500 iterations, class maps on the contexts). The selection is a hard
-  decision computed without gradient.
+  never crosses tau and the class maps settle on the contexts; the README's departures table
+  gives the measured effect). The selection is a hard decision computed without gradient.
 * The saliency map is resized to the map size with bilinear interpolation with
   antialiasing (each map cell sees the average of the image pixels it covers rather than
   4 sampled pixels; the authors used nearest-neighbour sampling).
