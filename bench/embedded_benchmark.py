@@ -36,6 +36,9 @@ RESULTS = REPO / "results" / "embedded_benchmark.json"
 README = REPO / "README.md"
 START, END = "<!-- embedded-benchmark:start -->", "<!-- embedded-benchmark:end -->"
 
+# the saliency oracle's maps, written into the variant's copy from its ground truth (bench/upper_bounds.py)
+GT_SALIENCY = "gt_saliency"
+
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("cam", "train_cls.method=cam,export_masks.background=threshold", "evaluate_seg",
@@ -53,6 +56,10 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("eps_authors", "train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
                     "export_masks.background=threshold", "evaluate",
      "EPS, the authors' rules (empty maps to the background, nearest saliency, 0.20)"),
+    ("eps_empty_background", "train_cls.empty_maps=background", "evaluate",
+     "EPS, a class with no confident pixel goes to the background (the authors' rule, alone)"),
+    ("eps_saliency_oracle", f"saliency.backend=precomputed,saliency.precomputed_dir={GT_SALIENCY}", "evaluate_seg",
+     "EPS with the ground-truth foreground as saliency (an oracle: training and export)"),
 )
 
 
@@ -65,6 +72,11 @@ def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
     print(f"[{name}] dvc repro {target} (and evaluate) in {run} (log: {log})", flush=True)
     start = time.perf_counter()
     with open(log, "w") as f:
+        if GT_SALIENCY in spec:   # the oracle's maps come from the prepared ground truth
+            for cmd in ([dvc, "repro", "prepare"],
+                        [sys.executable, "bench/upper_bounds.py", "--write-gt-saliency", GT_SALIENCY]):
+                if subprocess.run(cmd, cwd=run, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
+                    raise SystemExit(f"[{name}] {' '.join(cmd[:3])} failed; see {log}")
         # evaluate_seg does not need evaluate: name both so every row has its pseudo-mask figures
         targets = ["evaluate", target] if target != "evaluate" else [target]
         proc = subprocess.run([dvc, "repro", *targets], cwd=run, stdout=f, stderr=subprocess.STDOUT,

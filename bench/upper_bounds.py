@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     res1 = SegEvaluator(ds.num_classes, ctx)
     sal_bg = SegEvaluator(ds.num_classes, ctx)
     inter = union = 0
+    ctx_names = list(getattr(ds, "context_names", []) or [])
+    ctx_salient, ctx_total = np.zeros(len(ctx_names) + 1), np.zeros(len(ctx_names) + 1)
     ids = ds.ids(args.split)
     for image_id in ids:
         gt = ds.load_mask(image_id)
@@ -110,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         fg, salient = (gt > 0) & (gt != 255), (sal > 0.5) & (gt != 255)
         inter += int((fg & salient).sum())
         union += int((fg | salient).sum())
+        if context is not None:   # visible context pixels (background in the ground truth) marked salient
+            visible = gt == 0
+            ctx_total += np.bincount(context[visible].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
+            ctx_salient += np.bincount(context[visible & salient].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
     rows = {}
     for name, acc in ((f"resolution, scales {scales}, stride {stride}", res),
                       (f"resolution, scale 1, stride {stride}", res1),
@@ -124,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         cells = [r.get(k) for k in ("miou", "boundary_f1", "mean_mkc")]
         print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    shares = {name: ctx_salient[k] / ctx_total[k] for k, name in enumerate(ctx_names, start=1) if ctx_total[k]}
+    if shares:
+        rows["salient share of each context (saliency > 0.5 on visible context pixels)"] = shares
+        print("\nsalient share of the visible context pixels (what the saliency hands to the foreground):")
+        print("| " + " | ".join(shares) + " |\n|" + "---|" * len(shares))
+        print("| " + " | ".join(f"{v:.3f}" for v in shares.values()) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
