@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny generated VOC-layout datasets and the 4 real VOC photos."""
+"""Shared test fixtures: tiny generated VOC-layout datasets, an in-memory dataset a network learns in
+seconds, and the 4 real VOC photos."""
 
 from __future__ import annotations
 
@@ -61,6 +62,54 @@ def make_voc(tmp_path) -> Callable[..., Path]:
 def tiny_voc(make_voc) -> Path:
     """A tiny VOC-layout dataset (3 classes, 4 train + 2 val images of 24x32)."""
     return make_voc()
+
+
+class ColourBlocks:
+    """In-memory dataset (the reader interface of dataio.datasets.SegDataset) that a network learns in a
+    few dozen iterations: squares in one saturated colour per class on a grey background; the mask and
+    the saliency map are the squares."""
+
+    COLOURS = np.array([(230, 30, 30), (30, 210, 30), (30, 60, 230)], np.uint8)
+
+    def __init__(self, num_train=16, num_val=12, size=32, block=(12, 20), max_objects=2, seed=0):
+        self.num_classes = len(self.COLOURS)
+        self.class_names = [f"obj{c}" for c in range(self.num_classes)]
+        self._ids = {"train": [f"tr{i:03d}" for i in range(num_train)], "val": [f"va{i:03d}" for i in range(num_val)]}
+        rng = np.random.default_rng(seed)
+        self._data = {}
+        for image_id in self._ids["train"] + self._ids["val"]:
+            image = rng.integers(110, 146, size=(size, size, 3)).astype(np.uint8)
+            mask = np.zeros((size, size), np.uint8)
+            for c in rng.choice(self.num_classes, size=int(rng.integers(1, max_objects + 1)), replace=False):
+                s = int(rng.integers(*block))
+                y, x = (int(v) for v in rng.integers(0, size - s + 1, size=2))
+                image[y:y + s, x:x + s] = self.COLOURS[c]
+                mask[y:y + s, x:x + s] = c + 1
+            self._data[image_id] = (image, mask)
+
+    def ids(self, split):
+        return list(self._ids[split])
+
+    def has_masks(self, split):
+        return split in self._ids
+
+    def load_image(self, image_id):
+        return self._data[image_id][0].copy()
+
+    def load_mask(self, image_id):
+        return self._data[image_id][1].copy()
+
+    def labels(self, image_id):
+        """Present classes, from the mask (a later square may hide an earlier one)."""
+        present = np.unique(self._data[image_id][1])
+        vec = np.zeros(self.num_classes, np.float32)
+        vec[present[present > 0] - 1] = 1.0
+        return vec
+
+    def saliency(self, image_id, hw):
+        mask = self._data[image_id][1]
+        assert mask.shape == tuple(hw)
+        return (mask > 0).astype(np.float32)
 
 
 def missing_asset(what: str, error: Exception):
