@@ -3,12 +3,17 @@ seconds, and the 4 real VOC photos."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
+import shlex
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from dataio.datasets import save_mask_png
@@ -62,6 +67,53 @@ def make_voc(tmp_path) -> Callable[..., Path]:
 def tiny_voc(make_voc) -> Path:
     """A tiny VOC-layout dataset (3 classes, 4 train + 2 val images of 24x32)."""
     return make_voc()
+
+
+class StageProject:
+    """A project folder laid out as the stages see it (the test's cwd): ``params.yaml`` (the repository's)
+    and ``data/prepared/dataset.json`` for a dataset; :meth:`run` runs a stage's command from dvc.yaml."""
+
+    def __init__(self, root: Path, dataset_root: Path):
+        from dataio.datasets import VOCDataset, write_manifest
+
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "params.yaml", root / "params.yaml")
+        self.dataset = VOCDataset(dataset_root, labels=dataset_root / "cls_labels.npy")
+        write_manifest(self.dataset, root / "data" / "prepared" / "dataset.json", project_dir=root)
+
+    def set_params(self, section: str, **values) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        params[section].update(values)
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def command(self, stage: str) -> tuple[str, list[str]]:
+        """The module and arguments of ``python -m MODULE ARGS``, the stage's cmd in dvc.yaml, with its
+        ``${section.key}`` filled in from params.yaml as DVC does."""
+        cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+
+        def value(m: re.Match) -> str:
+            section, key = m.group(1).split(".")
+            return str(params[section][key])
+
+        argv = shlex.split(re.sub(r"\$\{(\w+\.\w+)\}", value, cmd))
+        assert argv[:2] == ["python", "-m"], cmd
+        return argv[2], argv[3:]
+
+    def run(self, stage: str) -> int:
+        """Run the stage in this process (the cwd is the project); its exit code."""
+        module, args = self.command(stage)
+        assert Path.cwd() == self.root
+        return importlib.import_module(module).main(args)
+
+
+@pytest.fixture
+def voc_project(make_voc, tmp_path, monkeypatch) -> StageProject:
+    """A :class:`StageProject` (the cwd) on a tiny VOC dataset (3 classes, 2 train + 3 val images)."""
+    project = StageProject(tmp_path / "project", make_voc(n_train=2, n_val=3))
+    monkeypatch.chdir(project.root)
+    return project
 
 
 class ColourBlocks:
