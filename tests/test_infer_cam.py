@@ -158,7 +158,7 @@ def test_batching_and_memory_bound_do_not_change_results():
 
 
 class _Images:
-    """The slice of dataio.datasets.SegDataset that inference reads."""
+    """The slice of dataio.dataset.SegDataset that inference reads."""
 
     def __init__(self, n=5):
         rng = np.random.default_rng(3)

@@ -151,7 +151,7 @@ def test_evaluator_accumulates_like_one_big_image():
 
 
 class _Dataset:
-    """A tiny dataset with contexts (the interface of dataio.datasets.SegDataset)."""
+    """A tiny dataset with contexts (the interface of dataio.dataset.SegDataset)."""
 
     def __init__(self, n=4, size=(20, 24)):
         self.class_names = ["train", "boat"]

