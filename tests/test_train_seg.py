@@ -59,7 +59,7 @@ def write_pseudo_masks(path: Path, reader: VOCDataset, ids=None) -> Path:
 
 def tiny_cfg(**over) -> TrainSegConfig:
     base = dict(head="aspp", backbone="efficientnet_lite0", output_stride=16, aspp_rates=[1, 2], iterations=4,
-                batch_size=4, crop_size=32, scale_range=[0.75, 1.25], lr=1e-3, checkpoint_every=2, log_every=1,
+                batch_size=4, crop_size=32, scale_range=[0.75, 1.25], lr=1e-3, grad_clip=0.0, checkpoint_every=2, log_every=1,
                 threads=1, workers=0, device="cpu")
     base.update(over)
     return build(TrainSegConfig, base, "train_seg")
