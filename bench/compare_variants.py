@@ -82,6 +82,10 @@ def make_copy(dest: Path) -> None:
         if (REPO / asset).is_dir():
             (dest / asset).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(REPO / asset, dest / asset)
+    # the outputs dvc.lock records, from the shared cache: stages whose deps and params the variant keeps
+    # are then up to date (the run cache cannot restore them: their metrics are git-tracked, cache: false)
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=dest, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def read_json(path: Path) -> dict:

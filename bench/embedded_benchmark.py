@@ -5,11 +5,12 @@
     python bench/embedded_benchmark.py --only eps,cam  # rerun some variants, keep the others' rows
     python bench/embedded_benchmark.py --readme-only   # regenerate the README tables from the results file
 
-Each variant is a scratch copy of the project run by ``bench/compare_variants.py`` (the DVC run cache
-restores stages whose deps and params match an earlier run, so variants that differ only in
-``export_masks`` train nothing). Baselines are reported at their best: every row carries, beside the
-mIoU of its own rule, the oracle-threshold mIoU (the constant background threshold that is best
-against the ground truth -- an oracle, labelled as such, never used by the pipeline).
+Each variant is a scratch copy of the project run by ``bench/compare_variants.py`` (the outputs of the
+committed ``dvc.lock`` are checked out from the shared cache, so a variant reruns only the stages its
+overrides change: one that differs only in ``export_masks`` trains nothing). Baselines are reported at
+their best: every row carries, beside the mIoU of its own rule, the oracle-threshold mIoU (the constant
+background threshold that is best against the ground truth -- an oracle, labelled as such, never used by
+the pipeline).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("eps", "", "evaluate_seg", "EPS, defaults (background 1 - saliency)"),
     ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, the model's background map"),
     ("eps_threshold", "export_masks.background=threshold", "evaluate", "EPS, constant background 0.20"),
-    ("eps_crf", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF"),
+    ("eps_crf", "export_masks.crf=true", "evaluate_seg", "EPS, defaults + dense CRF"),
     ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
      "ground-truth masks (upper bound)"),
     ("eps_loss_stride4", "train_cls.loss_stride=4", "evaluate", "EPS, L_sal on maps upsampled to crop/4"),
