@@ -61,10 +61,17 @@ class DatasetConfig:
     labels: str = knob("", doc="image-level labels: cls_labels.npy (psa/EPS dict) or CSV; empty = derive from masks")
     mask_dir: str = knob("SegmentationClass", doc="folder of label PNGs (SegmentationClassAug for VOC+SBD)")
     class_names: list[str] = knob([], doc="foreground class names; empty = dataset default")
+    contexts: str = knob("", doc="context -> class pairs for the co-occurrence confusion m_kc: a json/yaml file "
+                                 "({sky: aeroplane, rail: train} or a list of {name, class}), relative to the "
+                                 "dataset root, then the project; empty = <root>/contexts.json if present")
+    context_dir: str = knob("ContextMaps", doc="folder of context label maps <id>.png: k = context k (1-based), "
+                                               "0 = none; read only when contexts are given")
 
     def check(self, prefix: str) -> None:
         if self.kind in ("voc", "coco") and not self.root:
             raise ConfigError(f"params key '{prefix}.root' is required when '{prefix}.kind' is {self.kind}")
+        if self.kind == "coco" and self.contexts:
+            raise ConfigError(f"params key '{prefix}.contexts': context maps are read for VOC-layout datasets only")
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -36,7 +36,9 @@ def read_label_file(path: str | Path, class_names: Sequence[str]) -> dict[str, n
     """Image-level labels ``{id: (C,) float32 multi-hot}`` from ``cls_labels.npy`` or a CSV.
 
     * ``.npy``: the psa/EPS pickled dict ``{id: vector}`` (vectors of length C, values 0/1).
-    * ``.csv``: header ``image_id,labels``; ``labels`` space-separated class names or 0-based indices.
+    * ``.csv`` long: header ``image_id,labels``; ``labels`` space-separated class names or 0-based indices.
+    * ``.csv`` wide (what pandas and labelling tools export): header ``image_id,<class>,<class>,...``
+      with one 0/1 column per class, in any order, names matched to ``class_names`` loosely.
     """
     path = Path(path)
     if not path.is_file():
@@ -48,7 +50,7 @@ def read_label_file(path: str | Path, class_names: Sequence[str]) -> dict[str, n
     if path.suffix.lower() in (".csv", ".txt"):
         return _read_csv_labels(path, class_names)
     raise DatasetError(f"{path}: unknown label file type; use cls_labels.npy (psa/EPS dict) or a CSV "
-                       "with header image_id,labels")
+                       "with header image_id,labels or image_id,<class>,<class>,...")
 
 
 def _read_npy_labels(path: Path, c: int) -> dict[str, np.ndarray]:
@@ -82,9 +84,12 @@ def _read_csv_labels(path: Path, class_names: Sequence[str]) -> dict[str, np.nda
     out: dict[str, np.ndarray] = {}
     with path.open(newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:2]] != ["image_id", "labels"]:
-            raise DatasetError(f"{path}: first line must be the header 'image_id,labels', got {header!r}")
+        header = [h.strip() for h in next(reader, None) or []]
+        if header[:1] != ["image_id"] or len(header) < 2:
+            raise DatasetError(f"{path}: first line must be the header 'image_id,labels' (long) or "
+                               f"'image_id,<class>,<class>,...' (wide), got {','.join(header)!r}")
+        if header[1:] != ["labels"]:
+            return _read_wide_rows(path, header, reader, class_names)
         for lineno, row in enumerate(reader, start=2):
             if not row or not any(cell.strip() for cell in row):
                 continue
@@ -110,15 +115,50 @@ def _read_csv_labels(path: Path, class_names: Sequence[str]) -> dict[str, np.nda
     return out
 
 
+def _read_wide_rows(path: Path, header: list[str], rows: Iterable[list[str]],
+                    class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Rows of a wide label CSV: one 0/1 column per class (every class once, no other column)."""
+    by_loose = {normalise_class_name(n): i for i, n in enumerate(class_names)}
+    columns = []
+    for name in header[1:]:
+        idx = by_loose.get(normalise_class_name(name))
+        if idx is None:
+            raise DatasetError(f"{path}: line 1: column '{name}' is not a class; known: {', '.join(class_names)}")
+        columns.append(idx)
+    missing = [class_names[i] for i in range(len(class_names)) if i not in columns]
+    if missing or len(set(columns)) != len(columns):
+        raise DatasetError(f"{path}: line 1: the header must name every class once; "
+                           + (f"missing {', '.join(missing)}" if missing else "a class is named twice"))
+    out: dict[str, np.ndarray] = {}
+    for lineno, row in enumerate(rows, start=2):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        cells = [cell.strip() for cell in row]
+        if len(cells) != len(header):
+            raise DatasetError(f"{path}: line {lineno}: {len(cells)} values for {len(header)} columns")
+        image_id = cells[0]
+        if image_id in out:
+            raise DatasetError(f"{path}: line {lineno}: image id '{image_id}' is listed twice; keep one row")
+        bad = [v for v in cells[1:] if v not in ("0", "1", "0.0", "1.0")]
+        if bad:
+            raise DatasetError(f"{path}: line {lineno}: class columns hold 0 or 1, got {bad[0]!r}")
+        vec = np.zeros(len(class_names), dtype=np.float32)
+        vec[[c for c, v in zip(columns, cells[1:]) if float(v) == 1.0]] = 1.0
+        out[image_id] = vec
+    return out
+
+
 def parse_contexts(spec: Any, class_names: Sequence[str], source: str = "contexts") -> tuple[list[str], dict[int, int]]:
     """Context names and ``{context k (1-based): class c (0-based)}`` from a contexts spec.
 
     The spec (``contexts.json`` or the manifest's ``contexts``) is a list of entries, one per context
     in order k = 1, 2, ..., each ``{"name": str, "class": int | class name}`` (optional ``"id": k``),
-    or a mapping ``{"contexts": [...]}``.
+    a mapping ``{"contexts": [...]}``, or a plain mapping ``{context name: class}`` in context order.
     """
     if isinstance(spec, dict) and "contexts" in spec:
         spec = spec["contexts"]
+    if isinstance(spec, dict):   # {context name: class}, contexts numbered 1, 2, ... in file order
+        spec = [{"name": name, "class": cls} for name, cls in spec.items()]
     if not isinstance(spec, list):
         raise DatasetError(f"{source}: expected a list of {{\"name\": ..., \"class\": ...}} entries")
     names: list[str] = []

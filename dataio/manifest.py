@@ -50,7 +50,15 @@ def from_config(cfg: Any, base_dir: str | Path = ".", *,
     names = list(cfg.class_names) or None
     if cfg.kind == "coco":
         return COCODataset(root, splits=splits, mask_dir=cfg.mask_dir, labels=labels, class_names=names)
-    return VOCDataset(root, splits=splits, mask_dir=cfg.mask_dir, labels=labels, class_names=names)
+    contexts = None
+    if cfg.contexts:
+        in_root = _resolve(cfg.contexts, root)
+        contexts = in_root if in_root.exists() else _resolve(cfg.contexts, base)
+        if not contexts.is_file():
+            raise DatasetError(f"params key 'dataset.contexts': file not found: {cfg.contexts} (looked in {root} "
+                               f"and {base})")
+    return VOCDataset(root, splits=splits, mask_dir=cfg.mask_dir, labels=labels, class_names=names,
+                      context_dir=cfg.context_dir, contexts=contexts)
 
 
 def write_manifest(dataset: SegDataset, manifest_path: str | Path = MANIFEST, *,

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from dataio.dataset import SegDataset
 from dataio.files import (
     IMAGE_EXTENSIONS,
@@ -25,7 +27,8 @@ class VOCDataset(SegDataset):
     ``root/JPEGImages/<id>.jpg`` (other image extensions are found too),
     ``root/<mask_dir>/<id>.png`` (palette *or* grey PNG; index values are read, never colours),
     ``root/ImageSets/Segmentation/<list>.txt`` (one id per line; a list may also be given as a
-    path to a .txt file), optional ``root/ContextMaps/<id>.png`` + contexts (synthetic).
+    path to a .txt file), optional context maps ``root/<context_dir>/<id>.png`` with their context ->
+    class pairs (``contexts``: a file, a list or a mapping; default ``root/contexts.json``).
 
     Class names: ``class_names`` if given, else ``root/class_names.txt``, else the 20 VOC classes.
     Labels: ``labels`` (cls_labels.npy or CSV); ``None`` derives them from the masks (the classes
@@ -61,8 +64,9 @@ class VOCDataset(SegDataset):
             source = str(contexts) if isinstance(contexts, (str, Path)) else "manifest 'contexts'"
             if isinstance(contexts, (str, Path)):
                 try:
-                    contexts = json.loads(Path(contexts).read_text())
-                except (OSError, json.JSONDecodeError) as e:
+                    text = Path(contexts).read_text()
+                    contexts = yaml.safe_load(text) if Path(contexts).suffix in (".yaml", ".yml") else json.loads(text)
+                except (OSError, ValueError, yaml.YAMLError) as e:
                     raise DatasetError(f"{source}: cannot read contexts ({e})") from None
             self.context_names, self.context_class = parse_contexts(contexts, self.class_names, source)
 
