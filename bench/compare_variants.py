@@ -78,10 +78,13 @@ def make_copy(dest: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     cache = REPO / ".dvc" / "cache"
     (dest / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache}\n")
-    for asset in (MODELS_STATE,):  # fetched once by `make assets`, never copied into git
-        if (REPO / asset).is_dir():
-            (dest / asset).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(REPO / asset, dest / asset)
+    # fetched models (`make assets`, never in git): linked file by file, so that the copy's own lock
+    # files and downloads stay in the copy and the source checkout is only read
+    if (REPO / MODELS_STATE).is_dir():
+        (dest / MODELS_STATE).mkdir(parents=True, exist_ok=True)
+        for model in (REPO / MODELS_STATE).iterdir():
+            if model.is_file() and not model.name.startswith("."):
+                os.symlink(model, dest / MODELS_STATE / model.name)
     # the outputs dvc.lock records, from the shared cache: stages whose deps and params the variant keeps
     # are then up to date (the run cache cannot restore them: their metrics are git-tracked, cache: false)
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=dest, check=False,
@@ -158,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] dvc repro {args.target} in {run} (log: {log})", flush=True)
         start = time.perf_counter()
         with open(log, "w") as f:
-            proc = subprocess.run([dvc, "repro", args.target], cwd=run, stdout=f, stderr=subprocess.STDOUT,
+            # evaluate_seg does not need evaluate: name both so every row has its pseudo-mask columns
+            targets = [args.target] if args.target == "evaluate" else ["evaluate", args.target]
+            proc = subprocess.run([dvc, "repro", *targets], cwd=run, stdout=f, stderr=subprocess.STDOUT,
                                   env=dict(os.environ, DVC_NO_ANALYTICS="1"))
         wall = time.perf_counter() - start
         if proc.returncode != 0:

@@ -46,8 +46,17 @@ def test_scratch_copy_has_the_tracked_files_and_uses_the_project_cache(tmp_path)
     cv.make_copy(dest)
     for rel in ("dvc.yaml", "params.yaml", "tasks/train_cls.py", "README.md"):
         assert (dest / rel).read_bytes() == (REPO / rel).read_bytes()
-    assert not (dest / "data" / "prepared").exists()
     assert str(REPO / ".dvc" / "cache") in (dest / ".dvc" / "config.local").read_text()
+    # the outputs dvc.lock records are checked out from the shared cache when it holds them
+    prepared = next(o for o in yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+                    if o["path"] == "data/prepared")
+    cached = REPO / ".dvc" / "cache" / "files" / "md5" / prepared["md5"][:2] / prepared["md5"][2:]
+    assert (dest / "data" / "prepared" / "dataset.json").is_file() == cached.is_file()
+    # fetched models are linked file by file: the copy's lock files stay in the copy
+    models = dest / ".state" / "models"
+    if (REPO / ".state" / "models").is_dir():
+        assert models.is_dir() and not models.is_symlink()
+        assert all(m.is_symlink() for m in models.iterdir())
 
 
 def test_metrics_are_collected_from_the_stage_outputs(tmp_path):
