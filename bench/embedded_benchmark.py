@@ -85,6 +85,8 @@ def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"[{name}] dvc repro failed (exit {proc.returncode}); see {log}")
     row = collect(run)
+    if target != "evaluate_seg":   # the copy's eval_seg.json is the committed run's, not this variant's
+        row.update(seg_miou=None, seg_per_class_iou=None, seg_train_s=None)
     row["wall_s"] = round(time.perf_counter() - start, 1)
     print(f"[{name}] done in {row['wall_s']:.0f} s: pseudo mIoU {fmt(row['pseudo_miou'])}", flush=True)
     return row
