@@ -261,25 +261,14 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_stage(root: str | Path, stage: str, force: bool = False,
-              on_line: Callable[[str, str], None] | None = None,
-              tail_lines: int = 40, progress_every: float = 5.0) -> StageResult:
-    """Run ``dvc repro --single-item <stage>`` in ``root``, streaming its output.
-
-    ``on_line(stream, line)`` gets every stdout/stderr line as it arrives
-    (``stream`` is ``"stdout"`` or ``"stderr"``). Raises :class:`StageFailedError`
-    with the output tail when DVC exits non-zero.
-    """
-    root = Path(root)
-    was_stale = is_stale(root, stage)
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
+def _run_dvc(root: Path, args: list[str], on_line: Callable[[str, str], None] | None, tail_lines: int,
+             progress_every: float) -> tuple[int, list[str], list[str], float]:
+    """Run ``dvc <args>`` in ``root``, streaming its lines; (exit code, lines, last lines, seconds)."""
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=tail_lines)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=subprocess_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         lines_q: queue.Queue = queue.Queue()
@@ -306,11 +295,61 @@ def run_stage(root: str | Path, stage: str, force: bool = False,
         _stop(proc)
         for s in (proc.stdout, proc.stderr):
             s.close()
-    seconds = time.monotonic() - start
+    return returncode, lines, list(tail), time.monotonic() - start
+
+
+def run_stage(root: str | Path, stage: str, force: bool = False,
+              on_line: Callable[[str, str], None] | None = None,
+              tail_lines: int = 40, progress_every: float = 5.0) -> StageResult:
+    """Run ``dvc repro --single-item <stage>`` in ``root``, streaming its output.
+
+    ``on_line(stream, line)`` gets every stdout/stderr line as it arrives
+    (``stream`` is ``"stdout"`` or ``"stderr"``). Raises :class:`StageFailedError`
+    with the output tail when DVC exits non-zero.
+    """
+    root = Path(root)
+    was_stale = is_stale(root, stage)
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    returncode, lines, tail, seconds = _run_dvc(root, args, on_line, tail_lines, progress_every)
     if returncode != 0:
-        raise StageFailedError(stage, returncode, list(tail))
+        raise StageFailedError(stage, returncode, tail)
     status, reason = classify(stage, lines, was_stale, force)
     return StageResult(stage=stage, status=status, reason=reason, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """A ``dvc exp run``: the experiment's name and what happened to each planned stage."""
+
+    name: str
+    stages: list[StageResult]
+    seconds: float
+
+
+def run_experiment(root: str | Path, overrides: dict[str, object], plan: list[str], *, name: str = "",
+                   targets: list[str] | None = None, downstream: bool = False, force: bool = False,
+                   on_line: Callable[[str, str], None] | None = None, tail_lines: int = 40,
+                   progress_every: float = 5.0) -> ExperimentResult:
+    """``dvc exp run --temp -S key=value ...``: the overrides become a DVC experiment (params, deps and
+    metrics recorded by DVC; ``dvc exp show`` lists it) run in a temporary copy, so the user's
+    workspace and params.yaml stay as they are. ``plan`` names the stages to report on."""
+    args = ["exp", "run", "--temp"] + [a for k, v in overrides.items() for a in ("-S", f"{k}={_yaml_value(v)}")]
+    args += (["--name", name] if name else []) + (["--downstream"] if downstream else [])
+    args += (["--force"] if force else []) + list(targets or [])
+    returncode, lines, tail, seconds = _run_dvc(Path(root), args, on_line, tail_lines, progress_every)
+    if returncode != 0:
+        shown = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
+        raise PipelineError(f"`dvc exp run` exited with code {returncode}. Last output lines:\n{shown}")
+    ran = [m.group(1) for line in lines if (m := re.search(r"Ran experiment\(s\): (.+)$", line))]
+    stages = [StageResult(stage, *classify(stage, lines, False, force), seconds=0.0) for stage in plan]
+    return ExperimentResult(name=ran[-1].strip() if ran else name, stages=stages, seconds=seconds)
+
+
+def _yaml_value(value: object) -> str:
+    """A value as ``-S`` wants it: YAML, on one line."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 # --------------------------------------------------------------------------- metrics
