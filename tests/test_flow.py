@@ -351,3 +351,57 @@ def test_cli_overrides_are_checked_before_prefect_starts(toy_repo, capsys):
     assert "no key 'a.valu'" in capsys.readouterr().err
     assert main(["--repo", str(toy_repo), "--set", "novalue"]) == 2
     assert "expected section.key=value" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the served deployment
+
+
+@pytest.fixture
+def served(ran_copy, prefect_api):
+    """``python -m flows.serve`` for a committed toy copy, against the test API; yields the repo."""
+    import os
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    repo = _committed_copy(ran_copy)
+    env = dict(subprocess_env(), PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo), "--name", "toy"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + 240
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name("dvc-pipeline/toy")
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"flows.serve did not register the deployment:\n{proc.stdout.read()}")
+                time.sleep(1)
+    try:
+        yield repo
+    finally:
+        os.killpg(proc.pid, 2)
+        proc.wait(60)
+
+
+def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_bad_one(served):
+    import json
+
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("dvc-pipeline/toy", parameters={"params": {"a.value": 7}, "experiment": "seven"},
+                         timeout=600)
+    assert run.state.is_completed(), run.state
+    assert run.name == "all a.value=7"
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=served, env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    names = {e.get("name") for rev in json.loads(shown) for e in (rev.get("experiments") or [])}
+    assert "seven" in names
+    before = _snapshot(served)
+    bad = run_deployment("dvc-pipeline/toy", parameters={"params": {"b.fial": True}}, timeout=600)
+    assert bad.state.is_failed() and _snapshot(served) == before
+    assert any("b.fial" in line for line in _logs(bad.state))
