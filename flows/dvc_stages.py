@@ -150,6 +150,29 @@ def is_stale(root: str | Path, stage: str) -> bool:
             raise PipelineError(f"`dvc status {stage}` failed in {root}: {e}") from e
 
 
+def stale_stages(root: str | Path) -> set[str]:
+    """Every stage DVC sees a change in, from one ``dvc status``: what a run must look at again."""
+    from dvc.exceptions import DvcException
+
+    root = Path(root).resolve()
+    with _open_repo(root) as repo:
+        try:
+            keys = list(repo.status())
+        except DvcException as e:
+            raise PipelineError(f"`dvc status` failed in {root}: {e}") from e
+    return {_address_of_key(key, root) for key in keys}
+
+
+def _address_of_key(key: str, root: Path) -> str:
+    """A ``dvc status`` key (a path relative to the cwd, ``:name`` for a pipeline stage) in the
+    addressing of :func:`plan_stages`."""
+    path, _, name = key.rpartition(":") if ":" in key else (key, "", "")
+    rel = Path(os.path.relpath(Path(os.path.abspath(path)), root)).as_posix()
+    if not name:
+        return rel
+    return name if rel == PROJECT_FILE else f"{rel}:{name}"
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -300,15 +323,16 @@ def _run_dvc(root: Path, args: list[str], on_line: Callable[[str, str], None] | 
 
 def run_stage(root: str | Path, stage: str, force: bool = False,
               on_line: Callable[[str, str], None] | None = None,
-              tail_lines: int = 40, progress_every: float = 5.0) -> StageResult:
+              tail_lines: int = 40, progress_every: float = 5.0, was_stale: bool | None = None) -> StageResult:
     """Run ``dvc repro --single-item <stage>`` in ``root``, streaming its output.
 
     ``on_line(stream, line)`` gets every stdout/stderr line as it arrives
     (``stream`` is ``"stdout"`` or ``"stderr"``). Raises :class:`StageFailedError`
-    with the output tail when DVC exits non-zero.
+    with the output tail when DVC exits non-zero. ``was_stale``: what ``dvc status`` said of the
+    stage just before, when the caller knows it (else it is asked here).
     """
     root = Path(root)
-    was_stale = is_stale(root, stage)
+    was_stale = is_stale(root, stage) if was_stale is None else was_stale
     args = ["repro", "--single-item", stage] + (["--force"] if force else [])
     returncode, lines, tail, seconds = _run_dvc(root, args, on_line, tail_lines, progress_every)
     if returncode != 0:

@@ -43,6 +43,7 @@ from core.overrides import check_overrides, parse_assignment
 # `flows/__init__.py` (imported first, as this module's package) sets the offline Prefect defaults.
 from flows import PROJECT_ROOT
 from flows.dvc_stages import (
+    SKIPPED,
     ExperimentResult,
     PipelineError,
     StageFailedError,
@@ -51,6 +52,7 @@ from flows.dvc_stages import (
     read_metrics,
     run_experiment,
     run_stage,
+    stale_stages,
 )
 from flows.report import summary_markdown
 
@@ -67,11 +69,18 @@ def _level(line: str) -> int:
 
 # DVC caches; Prefect must not, or a cached task would hide a stage DVC wants to rerun.
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
-def dvc_stage(stage: str, repo: str, force: bool = False):
-    """Run one DVC stage; its stdout/stderr lines become this task's logs; a skipped stage ends "Cached"."""
+def dvc_stage(stage: str, repo: str, force: bool = False, stale: bool | None = None):
+    """Run one DVC stage; its stdout/stderr lines become this task's logs; a skipped stage ends "Cached".
+
+    ``stale=False``: the run's ``dvc status`` found the stage up to date and nothing ran before it, so
+    DVC is not started again for it."""
     logger = get_run_logger()
+    if stale is False and not force:
+        logger.info("stage '%s' SKIPPED (up to date) by the run's dvc status", stage)
+        return Completed(name="Cached", message="up to date",
+                         data=StageResult(stage=stage, status=SKIPPED, reason="up to date", seconds=0.0))
     logger.info("dvc repro --single-item %s%s", stage, " --force" if force else "")
-    result = run_stage(repo, stage, force=force,
+    result = run_stage(repo, stage, force=force, was_stale=stale,
                        on_line=lambda _stream, line: logger.log(_level(line), "%s", line))
     verb = "RAN" if result.ran else "SKIPPED"
     logger.info("stage '%s' %s (%s) in %.1f s", stage, verb, result.reason, result.seconds)
@@ -126,10 +135,12 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
     results: list[StageResult] = []
     current: str | None = None
     previous = None
+    stale = stale_stages(root)   # one `dvc status` decides, until a stage runs and may change what follows
     try:
         for name in plan:
             current = name
-            previous = dvc_stage.submit(name, str(root), force, wait_for=[previous] if previous else None)
+            known = None if any(r.ran for r in results) else name in stale
+            previous = dvc_stage.submit(name, str(root), force, known, wait_for=[previous] if previous else None)
             results.append(previous.result())
         current = None
     finally:
