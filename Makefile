@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 60
 export DVC_NO_ANALYTICS := 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: all install assets pipeline flow test ui clean-state
+.PHONY: all install assets pipeline flow test ui serve clean-state
 
 all: install assets pipeline
 
@@ -47,6 +47,10 @@ flow: install
 
 ui: install
 	$(BIN)/prefect server start --host 127.0.0.1
+
+# with `make ui` running: the deployment the UI starts runs from
+serve: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.serve
 
 test: assets
 	$(BIN)/ruff check .

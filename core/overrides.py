@@ -3,6 +3,8 @@ and variant runs. Overrides may only set keys that exist, so a typo fails naming
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
@@ -43,4 +45,26 @@ def apply_overrides(params: dict, sets: Iterable[tuple[list[str], Any]]) -> dict
         if path[-1] not in node:
             raise ConfigError(f"params has no key '{'.'.join(path)}'")
         node[path[-1]] = value
+    return params
+
+
+def check_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict:
+    """The params file with ``{"section.key": value}`` applied, validated before anything runs: an
+    unknown key, a wrong type or a value out of range is a :class:`ConfigError` naming the key. The
+    project's own params are checked with the typed config; another project's only for the keys' existence."""
+    from core.config import Params, build
+
+    path = Path(params_path)
+    try:
+        params = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    sets = []
+    for key, value in overrides.items():
+        if not isinstance(key, str) or "." not in key or not all(key.split(".")):
+            raise ConfigError(f"override {key!r}: expected a dotted params key such as train_cls.tau")
+        sets.append((key.split("."), value))
+    params = apply_overrides(params, sets)
+    if set(params) <= {f.name for f in dataclasses.fields(Params)}:
+        build(Params, params)
     return params

@@ -150,6 +150,29 @@ def is_stale(root: str | Path, stage: str) -> bool:
             raise PipelineError(f"`dvc status {stage}` failed in {root}: {e}") from e
 
 
+def stale_stages(root: str | Path) -> set[str]:
+    """Every stage DVC sees a change in, from one ``dvc status``: what a run must look at again."""
+    from dvc.exceptions import DvcException
+
+    root = Path(root).resolve()
+    with _open_repo(root) as repo:
+        try:
+            keys = list(repo.status())
+        except DvcException as e:
+            raise PipelineError(f"`dvc status` failed in {root}: {e}") from e
+    return {_address_of_key(key, root) for key in keys}
+
+
+def _address_of_key(key: str, root: Path) -> str:
+    """A ``dvc status`` key (a path relative to the cwd, ``:name`` for a pipeline stage) in the
+    addressing of :func:`plan_stages`."""
+    path, _, name = key.rpartition(":") if ":" in key else (key, "", "")
+    rel = Path(os.path.relpath(Path(os.path.abspath(path)), root)).as_posix()
+    if not name:
+        return rel
+    return name if rel == PROJECT_FILE else f"{rel}:{name}"
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -261,25 +284,14 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_stage(root: str | Path, stage: str, force: bool = False,
-              on_line: Callable[[str, str], None] | None = None,
-              tail_lines: int = 40, progress_every: float = 5.0) -> StageResult:
-    """Run ``dvc repro --single-item <stage>`` in ``root``, streaming its output.
-
-    ``on_line(stream, line)`` gets every stdout/stderr line as it arrives
-    (``stream`` is ``"stdout"`` or ``"stderr"``). Raises :class:`StageFailedError`
-    with the output tail when DVC exits non-zero.
-    """
-    root = Path(root)
-    was_stale = is_stale(root, stage)
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
+def _run_dvc(root: Path, args: list[str], on_line: Callable[[str, str], None] | None, tail_lines: int,
+             progress_every: float) -> tuple[int, list[str], list[str], float]:
+    """Run ``dvc <args>`` in ``root``, streaming its lines; (exit code, lines, last lines, seconds)."""
     lines: list[str] = []
     tail: deque[str] = deque(maxlen=tail_lines)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=root, env=subprocess_env(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=subprocess_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         lines_q: queue.Queue = queue.Queue()
@@ -306,11 +318,62 @@ def run_stage(root: str | Path, stage: str, force: bool = False,
         _stop(proc)
         for s in (proc.stdout, proc.stderr):
             s.close()
-    seconds = time.monotonic() - start
+    return returncode, lines, list(tail), time.monotonic() - start
+
+
+def run_stage(root: str | Path, stage: str, force: bool = False,
+              on_line: Callable[[str, str], None] | None = None,
+              tail_lines: int = 40, progress_every: float = 5.0, was_stale: bool | None = None) -> StageResult:
+    """Run ``dvc repro --single-item <stage>`` in ``root``, streaming its output.
+
+    ``on_line(stream, line)`` gets every stdout/stderr line as it arrives
+    (``stream`` is ``"stdout"`` or ``"stderr"``). Raises :class:`StageFailedError`
+    with the output tail when DVC exits non-zero. ``was_stale``: what ``dvc status`` said of the
+    stage just before, when the caller knows it (else it is asked here).
+    """
+    root = Path(root)
+    was_stale = is_stale(root, stage) if was_stale is None else was_stale
+    args = ["repro", "--single-item", stage] + (["--force"] if force else [])
+    returncode, lines, tail, seconds = _run_dvc(root, args, on_line, tail_lines, progress_every)
     if returncode != 0:
-        raise StageFailedError(stage, returncode, list(tail))
+        raise StageFailedError(stage, returncode, tail)
     status, reason = classify(stage, lines, was_stale, force)
     return StageResult(stage=stage, status=status, reason=reason, seconds=seconds)
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """A ``dvc exp run``: the experiment's name and what happened to each planned stage."""
+
+    name: str
+    stages: list[StageResult]
+    seconds: float
+
+
+def run_experiment(root: str | Path, overrides: dict[str, object], plan: list[str], *, name: str = "",
+                   targets: list[str] | None = None, downstream: bool = False, force: bool = False,
+                   on_line: Callable[[str, str], None] | None = None, tail_lines: int = 40,
+                   progress_every: float = 5.0) -> ExperimentResult:
+    """``dvc exp run --temp -S key=value ...``: the overrides become a DVC experiment (params, deps and
+    metrics recorded by DVC; ``dvc exp show`` lists it) run in a temporary copy, so the user's
+    workspace and params.yaml stay as they are. ``plan`` names the stages to report on."""
+    args = ["exp", "run", "--temp"] + [a for k, v in overrides.items() for a in ("-S", f"{k}={_yaml_value(v)}")]
+    args += (["--name", name] if name else []) + (["--downstream"] if downstream else [])
+    args += (["--force"] if force else []) + list(targets or [])
+    returncode, lines, tail, seconds = _run_dvc(Path(root), args, on_line, tail_lines, progress_every)
+    if returncode != 0:
+        shown = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
+        raise PipelineError(f"`dvc exp run` exited with code {returncode}. Last output lines:\n{shown}")
+    ran = [m.group(1) for line in lines if (m := re.search(r"Ran experiment\(s\): (.+)$", line))]
+    stages = [StageResult(stage, *classify(stage, lines, False, force), seconds=0.0) for stage in plan]
+    return ExperimentResult(name=ran[-1].strip() if ran else name, stages=stages, seconds=seconds)
+
+
+def _yaml_value(value: object) -> str:
+    """A value as ``-S`` wants it: YAML, on one line."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
 
 
 # --------------------------------------------------------------------------- metrics

@@ -11,6 +11,13 @@ markdown artifact summarising the stages and ``data/metrics/*.json``.
     python -m flows.pipeline --stage saliency         # just one stage
     python -m flows.pipeline --stage prepare --downstream
     python -m flows.pipeline --stage prepare --force  # rerun even if cached
+    python -m flows.pipeline --set train_cls.tau=0.3 --name tau03   # a DVC experiment (dvc exp show)
+
+Overrides (``params``: dotted params.yaml keys -> values) are validated with the project's typed
+config before any stage runs (the run fails naming the key) and run as one ``dvc exp run --temp -S``:
+DVC records the experiment's params, deps and metrics, and the user's params.yaml is left alone.
+A stage DVC skipped ends in a state named "Cached", one that ran in "Completed"; each stage's task
+waits for the previous one, so the run's graph shows the pipeline's order.
 
 Without ``PREFECT_API_URL`` Prefect runs in ephemeral mode (no server needed);
 with ``PREFECT_API_URL=http://127.0.0.1:4200/api`` the run shows up in the UI of
@@ -23,14 +30,30 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from core.config import ConfigError
+from core.overrides import check_overrides, parse_assignment
 
 # `flows/__init__.py` (imported first, as this module's package) sets the offline Prefect defaults.
 from flows import PROJECT_ROOT
-from flows.dvc_stages import PipelineError, StageFailedError, StageResult, plan_stages, read_metrics, run_stage
+from flows.dvc_stages import (
+    SKIPPED,
+    ExperimentResult,
+    PipelineError,
+    StageFailedError,
+    StageResult,
+    plan_stages,
+    read_metrics,
+    run_experiment,
+    run_stage,
+    stale_stages,
+)
 from flows.report import summary_markdown
 
 ARTIFACT_KEY = "dvc-pipeline-summary"
@@ -46,48 +69,98 @@ def _level(line: str) -> int:
 
 # DVC caches; Prefect must not, or a cached task would hide a stage DVC wants to rerun.
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE, retries=0)
-def dvc_stage(stage: str, repo: str, force: bool = False) -> StageResult:
-    """Run one DVC stage; its stdout/stderr lines become this task's logs."""
+def dvc_stage(stage: str, repo: str, force: bool = False, stale: bool | None = None):
+    """Run one DVC stage; its stdout/stderr lines become this task's logs; a skipped stage ends "Cached".
+
+    ``stale=False``: the run's ``dvc status`` found the stage up to date and nothing ran before it, so
+    DVC is not started again for it."""
     logger = get_run_logger()
+    if stale is False and not force:
+        logger.info("stage '%s' SKIPPED (up to date) by the run's dvc status", stage)
+        return Completed(name="Cached", message="up to date",
+                         data=StageResult(stage=stage, status=SKIPPED, reason="up to date", seconds=0.0))
     logger.info("dvc repro --single-item %s%s", stage, " --force" if force else "")
-    result = run_stage(repo, stage, force=force,
+    result = run_stage(repo, stage, force=force, was_stale=stale,
                        on_line=lambda _stream, line: logger.log(_level(line), "%s", line))
     verb = "RAN" if result.ran else "SKIPPED"
     logger.info("stage '%s' %s (%s) in %.1f s", stage, verb, result.reason, result.seconds)
+    return result if result.ran else Completed(name="Cached", message=result.reason, data=result)
+
+
+@task(name="dvc-experiment", task_run_name="exp run {overrides}", cache_policy=NO_CACHE, retries=0)
+def dvc_experiment(repo: str, overrides: dict[str, Any], plan: list[str], name: str, targets: list[str],
+                   downstream: bool, force: bool) -> ExperimentResult:
+    """The overrides as one ``dvc exp run --temp``; its output lines become this task's logs."""
+    logger = get_run_logger()
+    result = run_experiment(repo, overrides, plan, name=name, targets=targets, downstream=downstream, force=force,
+                            on_line=lambda _stream, line: logger.log(_level(line), "%s", line))
+    logger.info("experiment '%s' done in %.1f s (`dvc exp show` lists it; `dvc exp apply %s` brings it into "
+                "the workspace)", result.name, result.seconds, result.name)
     return result
 
 
-@flow(name="dvc-pipeline")
-def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool = False,
-                 repo: str | None = None) -> list[StageResult]:
-    """Run the DVC pipeline (or one stage, or a stage and its downstream) stage by stage.
+def _run_name() -> str:
+    """The flow run's name: what it runs and with which overrides."""
+    from prefect.runtime import flow_run
 
-    ``repo`` is the DVC project root (default: this project).
-    """
+    p = flow_run.parameters
+    name = p.get("stage") or "all"
+    name += "+downstream" if p.get("downstream") else ""
+    name += " force" if p.get("force") else ""
+    overrides = p.get("params") or {}
+    return name + "".join(f" {k}={v}" for k, v in overrides.items())
+
+
+@flow(name="dvc-pipeline", flow_run_name=_run_name)
+def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool = False,
+                 repo: str | None = None, params: dict[str, Any] | None = None,
+                 experiment: str = "") -> list[StageResult]:
+    """Run the DVC pipeline (or one stage, or a stage and its downstream) stage by stage; with
+    ``params`` (``{"train_cls.tau": 0.3}``) as one DVC experiment named ``experiment`` (DVC names it
+    when empty). ``repo`` is the DVC project root (default: this project)."""
     logger = get_run_logger()
     root = Path(repo) if repo else PROJECT_ROOT
     plan = plan_stages(root, stage, downstream)
     logger.info("DVC plan in %s: %s", root, " -> ".join(plan) or "(no stages)")
+    if params:
+        try:
+            check_overrides(root / "params.yaml", params)
+        except ConfigError as e:
+            logger.error("bad params override, nothing ran: %s", e)
+            raise
+        exp = dvc_experiment(str(root), dict(params), plan, experiment, [stage] if stage else [], downstream,
+                             force)
+        _publish_summary(root, f"DVC experiment {exp.name}", exp.stages, [], None, logger)
+        return exp.stages
     results: list[StageResult] = []
     current: str | None = None
+    previous = None
+    stale = stale_stages(root)   # one `dvc status` decides, until a stage runs and may change what follows
     try:
         for name in plan:
             current = name
-            results.append(dvc_stage(name, str(root), force))
+            known = None if any(r.ran for r in results) else name in stale
+            previous = dvc_stage.submit(name, str(root), force, known, wait_for=[previous] if previous else None)
+            results.append(previous.result())
         current = None
     finally:
         not_run = plan[len(results) + (1 if current else 0):]
         title = "DVC pipeline" + (f": {stage}" + (" and downstream" if downstream else "") if stage else "")
-        try:
-            create_markdown_artifact(
-                key=ARTIFACT_KEY,
-                markdown=summary_markdown(title, results, not_run, current, read_metrics(root)),
-                description="Stages ran or skipped as cached, wall times, data/metrics/*.json")
-        except Exception as e:  # noqa: BLE001 - a summary must never hide the stage's own error
-            logger.warning("could not publish the run summary artifact: %s", e)
+        _publish_summary(root, title, results, not_run, current, logger)
     ran = sum(r.ran for r in results)
     logger.info("done: %d stage(s) ran, %d skipped as cached", ran, len(results) - ran)
     return results
+
+
+def _publish_summary(root: Path, title: str, results: list[StageResult], not_run: list[str], current: str | None,
+                     logger) -> None:
+    try:
+        create_markdown_artifact(
+            key=ARTIFACT_KEY,
+            markdown=summary_markdown(title, results, not_run, current, read_metrics(root)),
+            description="Stages ran or skipped as cached, wall times, data/metrics/*.json")
+    except Exception as e:  # noqa: BLE001 - a summary must never hide the stage's own error
+        logger.warning("could not publish the run summary artifact: %s", e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,18 +174,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun the selected stages even if DVC has them cached")
     parser.add_argument("--repo", default=str(PROJECT_ROOT),
                         help="DVC project root (default: %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a params key (repeatable): the run becomes a DVC experiment")
+    parser.add_argument("--name", default="", help="with --set: the experiment's name")
     args = parser.parse_args(argv)
     if args.downstream and not args.stage:
         parser.error("--downstream needs --stage NAME")
-    try:  # fail fast on a bad stage name, before Prefect starts its API server
+    try:  # fail fast on a bad stage name or override, before Prefect starts its API server
         plan_stages(args.repo, args.stage, args.downstream)
-    except PipelineError as e:
+        overrides = {".".join(path): value for path, value in map(parse_assignment, args.set)}
+        check_overrides(Path(args.repo) / "params.yaml", overrides)
+    except (PipelineError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         results = dvc_pipeline(stage=args.stage, downstream=args.downstream, force=args.force,
-                               repo=args.repo)
-    except (StageFailedError, PipelineError) as e:
+                               repo=args.repo, params=overrides or None, experiment=args.name)
+    except (StageFailedError, PipelineError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for r in results:

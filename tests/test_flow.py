@@ -276,3 +276,132 @@ def test_cli_rejects_bad_arguments_with_a_clear_message(toy_repo, capsys):
         main(["--repo", str(toy_repo), "--downstream"])
     assert exit_info.value.code == 2
     assert "--downstream needs --stage" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- states, graph, experiments
+
+
+def _task_runs(state) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[_flow_run_id(state)])))
+        flow_run = client.read_flow_run(_flow_run_id(state))
+    return sorted(runs, key=lambda r: r.expected_start_time), flow_run
+
+
+def test_cached_stages_end_cached_ran_ones_completed_and_each_waits_for_the_last(two_runs):
+    first, _, second, _ = two_runs
+    runs, flow_run = _task_runs(first)
+    assert [(r.name, r.state.name) for r in runs] == [("a", "Completed"), ("b", "Completed"), ("report", "Completed")]
+    assert flow_run.name == "all"
+    cached, _ = _task_runs(second)
+    assert [r.state.name for r in cached] == ["Cached", "Cached", "Cached"]
+    assert all(r.state.is_completed() for r in cached)
+    # the graph's edges: each stage's task run waits for the one before it
+    ids = [r.id for r in cached]
+    for previous, run in zip(ids, cached[1:]):
+        upstream = {i.id for inputs in run.task_inputs.values() for i in inputs}
+        assert previous in upstream, run.task_inputs
+
+
+def _committed_copy(ran_copy: Path) -> Path:
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["add", "-A"], cwd=ran_copy, check=True)
+    subprocess.run(git + ["commit", "-qm", "toy"], cwd=ran_copy, check=True)
+    return ran_copy
+
+
+def test_a_params_override_runs_as_a_dvc_experiment_and_leaves_params_yaml_alone(ran_copy, prefect_api):
+    import json
+
+    repo = _committed_copy(ran_copy)
+    before = (repo / "params.yaml").read_text()
+    state = dvc_pipeline(repo=str(repo), params={"a.value": 5}, experiment="five", return_state=True)
+    assert state.is_completed(), state
+    assert _outcomes(state.result()) == [("a", "ran"), ("b", "ran"), ("report", "ran")]
+    _, flow_run = _task_runs(state)
+    assert flow_run.name == "all a.value=5"
+    assert (repo / "params.yaml").read_text() == before and (repo / "out/a.txt").read_text() == "1"
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    exps = [e for rev in json.loads(shown) for e in (rev.get("experiments") or [])
+            for e in e.get("revs", [])]
+    five = next(e for e in exps if e.get("name") == "five")
+    assert five["data"]["params"]["params.yaml"]["data"]["a"]["value"] == 5
+    assert five["data"]["metrics"]["data/metrics/report.json"]["data"]["length"] == len("5+b")
+
+
+def test_a_bad_override_fails_the_run_before_any_stage_naming_the_key(ran_copy, prefect_api):
+    from core.config import ConfigError
+
+    before = _snapshot(ran_copy)
+    state = dvc_pipeline(repo=str(ran_copy), params={"a.valu": 5}, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match="no key 'a.valu'"):
+        state.result()
+    runs, _ = _task_runs(state)
+    assert runs == [] and _snapshot(ran_copy) == before
+    assert any("bad params override, nothing ran" in line and "a.valu" in line for line in _logs(state))
+
+
+def test_cli_overrides_are_checked_before_prefect_starts(toy_repo, capsys):
+    assert main(["--repo", str(toy_repo), "--set", "a.valu=1"]) == 2
+    assert "no key 'a.valu'" in capsys.readouterr().err
+    assert main(["--repo", str(toy_repo), "--set", "novalue"]) == 2
+    assert "expected section.key=value" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the served deployment
+
+
+@pytest.fixture
+def served(ran_copy, prefect_api):
+    """``python -m flows.serve`` for a committed toy copy, against the test API; yields the repo."""
+    import os
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    repo = _committed_copy(ran_copy)
+    env = dict(subprocess_env(), PREFECT_API_URL=PREFECT_API_URL.value())
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--repo", str(repo), "--name", "toy"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + 240
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name("dvc-pipeline/toy")
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"flows.serve did not register the deployment:\n{proc.stdout.read()}")
+                time.sleep(1)
+    try:
+        yield repo
+    finally:
+        os.killpg(proc.pid, 2)
+        proc.wait(60)
+
+
+def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_bad_one(served):
+    import json
+
+    from prefect.deployments import run_deployment
+
+    run = run_deployment("dvc-pipeline/toy", parameters={"params": {"a.value": 7}, "experiment": "seven"},
+                         timeout=600)
+    assert run.state.is_completed(), run.state
+    assert run.name == "all a.value=7"
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=served, env=subprocess_env(),
+                           capture_output=True, text=True, check=True).stdout
+    names = {e.get("name") for rev in json.loads(shown) for e in (rev.get("experiments") or [])}
+    assert "seven" in names
+    before = _snapshot(served)
+    bad = run_deployment("dvc-pipeline/toy", parameters={"params": {"b.fial": True}}, timeout=600)
+    assert bad.state.is_failed() and _snapshot(served) == before
+    assert any("b.fial" in line for line in _logs(bad.state))

@@ -25,3 +25,21 @@ def test_only_existing_keys_can_be_set():
         apply_overrides(params, [(["trian_cls", "tau"], 0.3)])
     with pytest.raises(ConfigError, match="no section 'seed'"):
         apply_overrides(params, [(["seed", "x"], 1)])
+
+
+def test_overrides_of_the_project_params_are_typed_and_of_another_project_only_must_exist(tmp_path):
+    from pathlib import Path
+
+    from core.overrides import check_overrides
+
+    project = Path(__file__).resolve().parents[1] / "params.yaml"
+    assert check_overrides(project, {"train_cls.tau": 0.3})["train_cls"]["tau"] == 0.3
+    with pytest.raises(ConfigError, match="'train_cls.tau' = 7.0 is out of range"):
+        check_overrides(project, {"train_cls.tau": 7})
+    with pytest.raises(ConfigError, match="dotted params key"):
+        check_overrides(project, {"tau": 0.3})
+    other = tmp_path / "params.yaml"
+    other.write_text("a:\n  value: 1\n")
+    assert check_overrides(other, {"a.value": "anything"}) == {"a": {"value": "anything"}}
+    with pytest.raises(ConfigError, match="no key 'a.valu'"):
+        check_overrides(other, {"a.valu": 1})
