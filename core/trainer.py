@@ -36,8 +36,6 @@ from core.atomic import save_torch_atomic
 from core.timings import write_timings
 from core.training import DistContext, cpu_seconds, default_threads, poly_lr, setup_distributed
 
-# code that changes the weights a trainer produces: part of every trainer's run fingerprint
-
 Step = Callable[[Any, int], tuple[torch.Tensor, dict[str, float]]]  # (batch, 0-based iteration) -> loss, values
 Evaluate = Callable[[], tuple[dict[str, float] | None, Any]]  # -> metrics to log (or None), result
 

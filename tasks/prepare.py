@@ -5,7 +5,7 @@ into ``data/prepared/synthetic/``; ``voc`` / ``coco`` open the dataset ``dataset
 generate nothing. Either way the train and val splits are validated (a bad file stops the stage
 with its name) and the stage writes, all at once (a killed run leaves no ``data/prepared``):
 
-* ``data/prepared/dataset.json`` - the manifest later stages open with ``dataio.datasets.open_dataset``;
+* ``data/prepared/dataset.json`` - the manifest later stages open with ``dataio.manifest.open_dataset``;
 * ``data/prepared/preview.png`` - image | ground-truth mask | context map, ``prepare.preview_count`` rows;
 * ``data/metrics/prepare.json`` - per split: images, per-class image and pixel counts and, where the
   dataset has context maps, the measured co-occurrence (objects standing on their own context).
