@@ -359,7 +359,9 @@ def test_cli_overrides_are_checked_before_prefect_starts(toy_repo, capsys):
 @pytest.fixture
 def served(ran_copy, prefect_api):
     """``python -m flows.serve`` for a committed toy copy, against the test API; yields the repo."""
+    import contextlib
     import os
+    import signal
     import time
 
     from prefect.settings import PREFECT_API_URL
@@ -383,9 +385,15 @@ def served(ran_copy, prefect_api):
                 time.sleep(1)
     try:
         yield repo
-    finally:
-        os.killpg(proc.pid, 2)
-        proc.wait(60)
+    finally:   # Ctrl-C as a user stops it; a slow shutdown (it pauses the deployment) gets SIGTERM, then SIGKILL
+        for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_bad_one(served):
