@@ -1,6 +1,9 @@
-"""Markdown summary of a pipeline run: one row per stage, then the metrics files.
+"""Markdown summary of a pipeline run: one row per stage, then the headline metrics.
 
-Published by the flow as a Prefect artifact; plain text in, plain text out.
+Published by the flow as a Prefect artifact; plain text in, plain text out. A project with a
+``headline.json`` (the EPS pipeline's ``tasks.headline``) gets its few values, each with the stage that
+produced it and whether that stage ran in this run (a value from an earlier run says so); other
+projects get every metrics file, flattened.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ import json
 from flows.dvc_stages import StageResult
 
 MAX_CELL = 120
+HEADLINE = "headline.json"
+# headline section -> the stage that produces its values (dvc.yaml)
+PRODUCERS = {"classifier": "train_cls", "pseudo_masks": "evaluate", "segmenter": "evaluate_seg"}
 
 
 def _cell(value: object) -> str:
@@ -41,9 +47,25 @@ def summary_markdown(title: str, results: list[StageResult], not_run: list[str],
     ran = sum(r.ran for r in results)
     lines += ["", f"{ran} ran, {len(results) - ran} skipped as cached"
               + (f", 1 failed, {len(not_run)} not run" if failed else "") + "."]
-    if metrics:
+    if isinstance(metrics.get(HEADLINE), dict):
+        lines += _headline(metrics, {r.stage for r in results if r.ran})
+    elif metrics:
         lines += ["", "## Metrics (`data/metrics/*.json`)", "", "| file | key | value |", "|---|---|---|"]
         for fname, content in metrics.items():
             for key, value in flatten(content):
                 lines.append(f"| {_cell(fname)} | {_cell(key)} | {_cell(value)} |")
     return "\n".join(lines) + "\n"
+
+
+def _headline(metrics: dict[str, object], ran: set[str]) -> list[str]:
+    lines = ["", "## Headline (`data/metrics/headline.json`)", "",
+             "| metric | value | produced by | in this run |", "|---|---|---|---|"]
+    for key, value in flatten(metrics[HEADLINE]):
+        stage = PRODUCERS.get(key.split(".")[0], "")
+        now = "yes" if stage in ran else "no: from an earlier run"
+        shown = f"{value:.4f}" if isinstance(value, float) else _cell(value)
+        lines.append(f"| {_cell(key)} | {shown} | {stage or '-'} | {now if stage else '-'} |")
+    others = sorted(name for name in metrics if name != HEADLINE)
+    if others:
+        lines += ["", "Details: " + ", ".join(f"`data/metrics/{name}`" for name in others) + "."]
+    return lines

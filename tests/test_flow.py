@@ -413,3 +413,20 @@ def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_b
     bad = run_deployment("dvc-pipeline/toy", parameters={"params": {"b.fial": True}}, timeout=600)
     assert bad.state.is_failed() and _snapshot(served) == before
     assert any("b.fial" in line for line in _logs(bad.state))
+
+
+
+def test_the_summary_gives_the_headline_with_its_stage_and_whether_it_is_from_this_run():
+    from flows.dvc_stages import RAN, SKIPPED, StageResult
+    from flows.report import summary_markdown
+
+    metrics = {"headline.json": {"classifier": {"val_mAP": 0.99444}, "pseudo_masks": {"miou": 0.5408},
+                                 "segmenter": {"val_miou": None}},
+               "prepare.json": {"classes": 5}, "eval_pseudo.json": {"miou": 0.5408}}
+    results = [StageResult("train_cls", SKIPPED, "up to date", 0.0), StageResult("evaluate", RAN, "command executed", 3.0)]
+    text = summary_markdown("DVC pipeline", results, ["evaluate_seg"], "train_seg", metrics)
+    assert "| classifier.val_mAP | 0.9944 | train_cls | no: from an earlier run |" in text
+    assert "| pseudo_masks.miou | 0.5408 | evaluate | yes |" in text
+    assert "| segmenter.val_miou | null | evaluate_seg | no: from an earlier run |" in text
+    assert "Details: `data/metrics/eval_pseudo.json`, `data/metrics/prepare.json`." in text
+    assert "classes" not in text   # the dataset statistics stay in their own file
