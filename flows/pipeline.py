@@ -130,7 +130,8 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
             raise
         exp = dvc_experiment(str(root), dict(params), plan, experiment, [stage] if stage else [], downstream,
                              force)
-        _publish_summary(root, f"DVC experiment {exp.name}", exp.stages, [], None, logger)
+        # the experiment ran in a temporary copy: the workspace's metrics files are not its metrics
+        _publish_summary(root, f"DVC experiment {exp.name}", exp.stages, [], None, logger, metrics={})
         return exp.stages
     results: list[StageResult] = []
     current: str | None = None
@@ -153,11 +154,15 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
 
 
 def _publish_summary(root: Path, title: str, results: list[StageResult], not_run: list[str], current: str | None,
-                     logger) -> None:
+                     logger, metrics: dict | None = None) -> None:
+    """The run's artifact; ``metrics`` default to the workspace's ``data/metrics/*.json``."""
     try:
+        markdown = summary_markdown(title, results, not_run, current, read_metrics(root) if metrics is None else metrics)
+        if metrics == {}:
+            markdown += "\nMetrics: `dvc exp show` lists this experiment's.\n"
         create_markdown_artifact(
             key=ARTIFACT_KEY,
-            markdown=summary_markdown(title, results, not_run, current, read_metrics(root)),
+            markdown=markdown,
             description="Stages ran or skipped as cached, wall times, data/metrics/*.json")
     except Exception as e:  # noqa: BLE001 - a summary must never hide the stage's own error
         logger.warning("could not publish the run summary artifact: %s", e)

@@ -323,6 +323,8 @@ def test_a_params_override_runs_as_a_dvc_experiment_and_leaves_params_yaml_alone
     assert _outcomes(state.result()) == [("a", "ran"), ("b", "ran"), ("report", "ran")]
     _, flow_run = _task_runs(state)
     assert flow_run.name == "all a.value=5"
+    summary = _artifact(state)   # the workspace's metrics are not the experiment's: none are shown
+    assert "DVC experiment five" in summary and "report.json" not in summary and "dvc exp show" in summary
     assert (repo / "params.yaml").read_text() == before and (repo / "out/a.txt").read_text() == "1"
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
