@@ -157,14 +157,16 @@ class TrainClsConfig:
     head_dropout: float = knob(0.0, range=(0.0, 0.9), doc="Dropout2d before the 1x1 head")
     freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
     freeze_stem: bool = knob(False, doc="fix the backbone's first stage (authors: ResNet-38 conv1a, b2)")
-    map_selection: str = knob("adaptive", choices=("adaptive", "naive", "predefined"),
-                              doc="adaptive = overlap ratio > tau (paper); naive = all present classes "
+    map_selection: str = knob("relative", choices=("adaptive", "relative", "naive", "predefined"),
+                              doc="adaptive = overlap ratio > tau (paper); relative = adaptive, or overlap "
+                                  "ratio above the image's salient share; naive = all present classes "
                                   "foreground; predefined = predefined_background always background")
     tau: float = knob(0.4, range=(0.0, 1.0), doc="overlap ratio threshold of the adaptive map selection")
     empty_maps: str = knob("foreground", choices=("background", "foreground"),
                            doc="adaptive selection of a class whose map has no pixel > 0.5 (overlap 0/0): "
                                "background = the authors' code; foreground = until the map is confident")
     lam: float = knob(0.5, range=(0.0, 1.0), doc="weight of M_fg against 1 - M_bg (eq. 1)")
+    sal_weight: float = knob(5.0, range=(0.0, None), doc="weight of L_sal in L_cls + w L_sal (paper: 1)")
     selection_warmup: int = knob(0, range=(0, None), doc="first iterations with every present class in the "
                                                          "foreground (naive) before map_selection; 0 = none (paper)")
     loss_stride: int = knob(0, range=(0, 64), doc="L_sal and the map selection on maps upsampled to crop_size / "
@@ -321,10 +323,11 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency"),
+    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency", "joint"),
                            doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
                                "background probability (eps models only); saliency = 1 - the saliency map at "
-                               "image size; auto = bgmap when the CAMs carry one, else threshold")
+                               "image size; joint = 1 - sqrt(saliency x (1 - bgmap)) (eps models only); "
+                               "auto = bgmap when the CAMs carry one, else threshold")
     bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode (authors: 0.20)")
     crf: bool = knob(False, doc="refine with a dense CRF (pydensecrf)")
     crf_preset: str = knob("paper", choices=("paper", "psa", "custom"),

@@ -16,7 +16,11 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
     (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
     ``"saliency"``: ``1 - saliency`` (``(H, W)`` in [0, 1]), the pixel-level saliency the
     classifier was trained on, so a class wins where it is salient and its normalised CAM beats
-    the non-saliency; ``"auto"``: bgmap when the record has one, else threshold.
+    the non-saliency; ``"joint"``: ``1 - sqrt(saliency * (1 - bg))``, one minus the geometric mean
+    of the two foreground probabilities, the saliency detector's (sharp, but wrong where it is
+    wrong in one image) and the EPS model's (coarse, but learnt over every image, so an error the
+    detector makes in some images only is outvoted); ``"auto"``: bgmap when the record has one,
+    else threshold.
     """
     h, w = rec.size
     if background == "auto":
@@ -28,15 +32,22 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
             raise PseudoMaskError("background = bgmap needs the background map of an eps model; "
                                   "these CAMs come from a model without one (use threshold)")
         bg = rec.bg[None].astype(np.float32)
-    elif background == "saliency":
+    elif background in ("saliency", "joint"):
         if saliency is None:
-            raise PseudoMaskError("background = saliency needs the image's saliency map")
+            raise PseudoMaskError(f"background = {background} needs the image's saliency map")
         if saliency.shape != (h, w):
             raise PseudoMaskError(f"saliency map is {saliency.shape[1]}x{saliency.shape[0]} but the CAMs are "
                                   f"{w}x{h}; rerun the saliency stage on this dataset")
-        bg = 1.0 - np.clip(saliency, 0.0, 1.0)[None].astype(np.float32)
+        fg = np.clip(saliency, 0.0, 1.0).astype(np.float32)
+        if background == "joint":
+            if rec.bg is None:
+                raise PseudoMaskError("background = joint needs the background map of an eps model; these CAMs "
+                                      "come from a model without one (use saliency)")
+            fg = np.sqrt(fg * (1.0 - np.clip(rec.bg.astype(np.float32), 0.0, 1.0)))
+        bg = (1.0 - fg)[None]
     else:
-        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap or saliency)")
+        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap, saliency "
+                              "or joint)")
     scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
     values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
     return scores, values

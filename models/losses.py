@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SELECTIONS = ("adaptive", "naive", "predefined")
+SELECTIONS = ("adaptive", "relative", "naive", "predefined")
 
 
 def image_logits(maps: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -75,6 +75,11 @@ def overlap_ratio(class_probs: torch.Tensor, saliency: torch.Tensor) -> torch.Te
     return torch.where(area > 0, inter / area.clamp(min=1), torch.zeros_like(inter))
 
 
+def salient_share(saliency: torch.Tensor) -> torch.Tensor:
+    """``|B_s| / (h w)`` per image, ``(B,)``: the overlap ratio a map placed at random would have."""
+    return (saliency > 0.5).reshape(saliency.shape[0], -1).to(saliency.dtype).mean(-1)
+
+
 def select_maps(class_probs: torch.Tensor, saliency: torch.Tensor, labels: torch.Tensor,
                 strategy: str = "adaptive", tau: float = 0.4,
                 predefined_background: torch.Tensor | None = None,
@@ -86,14 +91,21 @@ def select_maps(class_probs: torch.Tensor, saliency: torch.Tensor, labels: torch
     * ``adaptive`` (the paper): foreground iff the overlap ratio with the saliency > ``tau``;
       a class whose map has no pixel > 0.5 (``B_i`` empty) joins ``empty_maps``
       (``background``: the authors' code; ``foreground``: until the map is confident).
+    * ``relative``: as ``adaptive``, and a class whose overlap ratio exceeds the image's salient share
+      (its map is more salient than the image as a whole) joins the foreground too: a small object
+      whose map also covers its larger context is not trapped in the background, while a class the
+      saliency missed (its map on non-salient pixels) still goes there.
     * ``naive``: every present class is foreground.
     * ``predefined``: classes flagged in ``predefined_background`` (bool ``(C,)``) are always
       background, the others foreground.
     """
     with torch.no_grad():
         present = labels > 0.5
-        if strategy == "adaptive":
-            fg_class = overlap_ratio(class_probs, saliency) > tau
+        if strategy in ("adaptive", "relative"):
+            ratio = overlap_ratio(class_probs, saliency)
+            fg_class = ratio > tau
+            if strategy == "relative":
+                fg_class = fg_class | (ratio > salient_share(saliency)[:, None])
             if empty_maps == "foreground":
                 fg_class = fg_class | ~(class_probs > 0.5).flatten(2).any(-1)
             elif empty_maps != "background":

@@ -90,7 +90,7 @@ def _process(image_id: str) -> tuple:
     if cfg.crf:
         image = _dataset().load_image(image_id)
     saliency = None
-    if cfg.background == "saliency":
+    if cfg.background in ("saliency", "joint"):
         from artifacts.saliency_maps import load_saliency
         saliency = load_saliency(_WORKER["saliency_dir"], image_id, tuple(rec.size))
     try:
@@ -123,11 +123,11 @@ def resolve_background(cfg: ExportMasksConfig, cams_meta: dict) -> ExportMasksCo
 def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
                  saliency_dir: Path | None = None) -> list[str]:
     """Everything that can be checked before work starts; returns the ids to export."""
-    if cfg.background == "bgmap" and not cams_meta.get("has_bgmap"):
+    if cfg.background in ("bgmap", "joint") and not cams_meta.get("has_bgmap"):
         raise ExportMasksError(
-            f"params key 'export_masks.background' is bgmap but the CAMs in {cams_dir} come from a "
-            f"{cams_meta.get('method')} model, which has no background map; use background: threshold "
-            f"(or train an eps classifier)")
+            f"params key 'export_masks.background' is {cfg.background} but the CAMs in {cams_dir} come from a "
+            f"{cams_meta.get('method')} model, which has no background map; use background: "
+            f"{'threshold' if cfg.background == 'bgmap' else 'saliency'} (or train an eps classifier)")
     ids = list(cams_meta.get("ids") or [])
     if not ids:
         raise ExportMasksError(f"{cams_dir}/meta.json lists no images; rerun infer_cam")
@@ -135,10 +135,10 @@ def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
     if missing:
         raise ExportMasksError(f"{len(missing)} CAM file(s) listed in {cams_dir}/meta.json are missing, e.g. "
                                f"{cam_path(cams_dir, missing[0])}; rerun infer_cam")
-    if cfg.background == "saliency":
+    if cfg.background in ("saliency", "joint"):
         from artifacts.saliency_maps import saliency_path
         if saliency_dir is None or not Path(saliency_dir).is_dir():
-            raise ExportMasksError(f"params key 'export_masks.background' is saliency but the saliency folder "
+            raise ExportMasksError(f"params key 'export_masks.background' is {cfg.background} but the saliency folder "
                                    f"{saliency_dir} does not exist; run the saliency stage first")
         missing = [i for i in ids if not Path(saliency_path(saliency_dir, i)).is_file()]
         if missing:

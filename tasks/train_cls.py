@@ -343,7 +343,7 @@ def _loss_step(cfg: TrainClsConfig, net: torch.nn.Module, device: torch.device, 
                                                saliency_resize=cfg.saliency_resize)
         else:
             loss_sal = torch.zeros((), device=device)
-        loss = loss_cls + loss_sal
+        loss = loss_cls + cfg.sal_weight * loss_sal
         logits = image_logits(maps.detach(), num_classes)
         if not warned and logits.shape[0] > 1 and float(logits.std(dim=0).max()) < 1e-3:
             warned = True

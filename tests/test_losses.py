@@ -16,6 +16,7 @@ from models.losses import (
     overlap_ratio,
     resize_saliency,
     saliency_loss,
+    salient_share,
     select_maps,
 )
 
@@ -171,6 +172,48 @@ def test_adaptive_selection_picks_by_overlap_with_tau():
     assert bg.tolist() == [[False, True, False, True, True, False]]   # O <= tau, and O = 0 for an empty map
     fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.3)
     assert fg.tolist() == [[True, True, True, False, False, False]]
+
+
+def _box(r0, r1, c0, c1):
+    m = np.zeros((10, 10), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def test_relative_selection_keeps_a_small_object_whose_map_covers_its_context():
+    # a 2x2 salient object (4 of 100 cells: salient share 0.04); class 0's map covers the object and its
+    # 4x4 context around it (overlap 4/16 = 0.25 <= tau: the paper's rule sends it to the background, where
+    # L_sal then pushes it off the object and onto the context: the trap); class 1's map lies on pixels the
+    # saliency missed (overlap 0): a class missed by the saliency still goes to the background (Table 3)
+    sal = torch.zeros(1, 10, 10)
+    sal[0, 3:5, 3:5] = 1.0
+    torch.testing.assert_close(salient_share(sal), torch.tensor([0.04]))
+    probs = _probs_from_masks([_box(2, 6, 2, 6), _box(6, 9, 6, 9), _box(3, 5, 3, 5)])
+    labels = torch.tensor([[1.0, 1, 0]])
+    torch.testing.assert_close(overlap_ratio(probs, sal), torch.tensor([[0.25, 0.0, 1.0]], dtype=probs.dtype))
+    fg, bg = select_maps(probs, sal, labels, "adaptive", tau=0.4)
+    assert fg.tolist() == [[False, False, False]] and bg.tolist() == [[True, True, False]]
+    fg, bg = select_maps(probs, sal, labels, "relative", tau=0.4)
+    assert fg.tolist() == [[True, False, False]] and bg.tolist() == [[False, True, False]]
+
+
+def test_relative_selection_by_hand_against_the_salient_share():
+    # image 0: salient share 0.5 (columns 0-4); image 1: 0.2 (columns 0-1)
+    sal = torch.zeros(2, 10, 10)
+    sal[0, :, :5] = 1.0
+    sal[1, :, :2] = 1.0
+    probs = torch.cat([_probs_from_masks([_cols(0, 3), _cols(1, 5) | _box(0, 5, 5, 6), _box(0, 3, 0, 10)]),
+                       _probs_from_masks([_cols(0, 2), _cols(0, 10), _cols(1, 4)])])
+    o = overlap_ratio(probs, sal)
+    # image 0: 30/30, 40/45, 15/30; image 1: 20/20, 20/100, 10/30
+    torch.testing.assert_close(o, torch.tensor([[1.0, 40 / 45, 0.5], [1.0, 0.2, 1 / 3]], dtype=o.dtype))
+    labels = torch.ones(2, 3)
+    # relative: overlap > tau, or overlap > the share (strictly: a map as salient as the image is not enough)
+    fg, bg = select_maps(probs, sal, labels, "relative", tau=0.6)
+    assert fg.tolist() == [[True, True, False], [True, False, True]]
+    assert bg.tolist() == [[False, False, True], [False, True, False]]
+    fg, _ = select_maps(probs, sal, labels, "adaptive", tau=0.6)
+    assert fg.tolist() == [[True, True, False], [True, False, False]]
 
 
 def test_empty_maps_foreground_keeps_unconfident_classes_in_the_foreground():

@@ -248,6 +248,24 @@ def test_saliency_background_by_hand():
         mask_scores(rec, "saliency", 0.2, np.zeros((1, 2), np.float32))
 
 
+def test_joint_background_by_hand():
+    from method.mask_rule import argmax_mask, mask_scores
+    # one present class (1) on a 1x4 strip: the saliency says 1, 1, 0.25, 0.64; the model's background map
+    # 0.75, 0, 0, 0.36; joint foreground sqrt(s (1 - bg)) = 0.5, 1, 0.5, 0.64 -> background 0.5, 0, 0.5, 0.36
+    cams = np.array([[[0.4, 0.2, 0.6, 0.5]]], np.float32)
+    rec = CamRecord(cams, np.array([1]), np.array([[0.75, 0.0, 0.0, 0.36]], np.float32), (1, 4))
+    sal = np.array([[1.0, 1.0, 0.25, 0.64]], np.float32)
+    scores, values = mask_scores(rec, "joint", 0.2, sal)
+    np.testing.assert_allclose(scores[0], [[0.5, 0.0, 0.5, 0.36]], atol=1e-6)
+    # pixel 0: salient, but the model calls it background; pixel 2: barely salient, the model calls it foreground
+    assert argmax_mask(scores, values).tolist() == [[0, 2, 2, 2]]
+    assert argmax_mask(*mask_scores(rec, "saliency", 0.2, sal)).tolist() == [[2, 2, 0, 2]]
+    with pytest.raises(PseudoMaskError, match="background map of an eps model"):
+        mask_scores(CamRecord(cams, np.array([1]), None, (1, 4)), "joint", 0.2, sal)
+    with pytest.raises(PseudoMaskError, match="saliency map"):
+        mask_scores(rec, "joint", 0.2)
+
+
 def test_export_with_saliency_background(tmp_path):
     from artifacts.cams import read_cam_file
     from artifacts.saliency_maps import load_saliency, write_map_atomic
@@ -263,6 +281,10 @@ def test_export_with_saliency_background(tmp_path):
     write_map_atomic(sal_dir / f"{ids[-1]}.png", np.full((12, 16), 128, np.uint8))
     attrs = export(cfg, cams, tmp_path / "x.h5", saliency_dir=sal_dir, progress=False)
     assert attrs["background"] == "saliency"
+    with pytest.raises(ExportMasksError, match="is joint but the CAMs .* no background map; use background: saliency"):
+        export(ExportMasksConfig(background="joint", workers=1), cams, tmp_path / "j.h5", saliency_dir=sal_dir,
+               progress=False)
+    assert not (tmp_path / "j.h5").exists()
     with PseudoMasks(tmp_path / "x.h5") as pm:
         for i in ids:
             rec = read_cam_file(cams / f"{i}.npz")

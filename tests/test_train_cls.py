@@ -87,7 +87,7 @@ def _run(tmp_path, cfg, reader=None, **kw):
 
 def test_params_yaml_and_voc12_config_load():
     default = load_params(REPO / "params.yaml").train_cls
-    assert default.method == "eps" and default.map_selection == "adaptive"
+    assert default.method == "eps" and default.map_selection == "relative"
     voc = load_params(REPO / "configs" / "voc12.yaml")
     c = voc.train_cls
     # the paper's setting (section 4): ResNet38 at output stride 8, crop 448, batch 8, lr 0.01
@@ -95,6 +95,7 @@ def test_params_yaml_and_voc12_config_load():
     assert (c.backbone, c.output_stride, c.crop_size, c.batch_size, c.lr, c.head_lr_mult, c.iterations,
             c.tau, c.lam) == ("resnet38d", 8, 448, 8, 0.01, 10.0, 20000, 0.4, 0.5)
     assert voc.dataset.kind == "voc"
+    assert (c.map_selection, c.empty_maps, c.saliency_resize, c.sal_weight) == ("adaptive", "background", "nearest", 1.0)
 
 
 @pytest.mark.parametrize("over, key", [
@@ -286,6 +287,14 @@ def test_selection_warmup_keeps_classes_out_of_the_background_trap(tmp_path):
     _run(tmp_path / "warm", tiny_cfg(iterations=3, checkpoint_every=10, empty_maps="background",
                                      selection_warmup=2))
     assert _logged(tmp_path / "warm", "fg_selected")[:2] == [1.0, 1.0]
+
+
+def test_sal_weight_scales_the_saliency_loss_in_the_total(tmp_path):
+    # L = L_cls + w L_sal at the first iteration (same weights, same batch); w = 0 trains on L_cls alone
+    for w in (0.0, 3.0):
+        _run(tmp_path / f"w{w}", tiny_cfg(iterations=1, sal_weight=w))
+        total, cls, sal = (_logged(tmp_path / f"w{w}", k)[0] for k in ("loss", "loss_cls", "loss_sal"))
+        assert sal > 0 and total == pytest.approx(cls + w * sal, rel=1e-5)
 
 
 @pytest.mark.parametrize("over", [{"loss_stride": 4}, {"saliency_resize": "nearest"}])
