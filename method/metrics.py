@@ -193,6 +193,18 @@ def cooccurrence_fp(gt: np.ndarray, pred: np.ndarray, context: np.ndarray,
     return out
 
 
+def context_pixels(gt: np.ndarray, context: np.ndarray, context_class: dict[int, int],
+                   ignore_index: int = IGNORE) -> dict[int, int]:
+    """Visible pixels of each context ``k`` that are not truly its class ``c`` (nor ignore): the
+    denominator of the share of a context taken for its class, ``FP_{k,c} / context_pixels_k``."""
+    gt = np.asarray(gt)
+    context = np.asarray(context)
+    if gt.shape != context.shape:
+        raise ValueError(f"ground truth {gt.shape} and context {context.shape} differ in size")
+    return {int(k): int(np.count_nonzero((context == k) & (gt != c + 1) & (gt != ignore_index)))
+            for k, c in context_class.items()}
+
+
 # --------------------------------------------------------------------------- accumulator
 
 
@@ -206,6 +218,7 @@ class SegEvaluator:
     conf: np.ndarray = field(init=False)
     boundary: np.ndarray = field(init=False)
     context_fp: dict[int, int] = field(init=False)
+    context_px: dict[int, int] = field(init=False)
     images: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -213,6 +226,7 @@ class SegEvaluator:
         self.conf = np.zeros((n, n + 1), dtype=np.int64)
         self.boundary = np.zeros(4, dtype=np.int64)
         self.context_fp = {int(k): 0 for k in self.context_class}
+        self.context_px = {int(k): 0 for k in self.context_class}
 
     def add(self, gt: np.ndarray, pred: np.ndarray, context: np.ndarray | None = None) -> None:
         """Add one image (``context`` only needed when contexts are defined)."""
@@ -223,6 +237,8 @@ class SegEvaluator:
                 raise ValueError("the dataset defines contexts but no context map was given")
             for k, v in cooccurrence_fp(gt, pred, context, self.context_class).items():
                 self.context_fp[k] += v
+            for k, v in context_pixels(gt, context, self.context_class).items():
+                self.context_px[k] += v
         self.images += 1
 
     def summary(self) -> dict:
@@ -233,8 +249,10 @@ class SegEvaluator:
         for k, c in sorted(self.context_class.items()):
             tp = float(std["tp"][c + 1])
             fp = self.context_fp[int(k)]
+            px = self.context_px[int(k)]
             pairs.append({"context": int(k), "class": int(c), "fp": fp, "tp": tp,
                           "ratio": fp / tp if tp > 0 else math.nan,
+                          "context_pixels": px, "context_share": fp / px if px > 0 else math.nan,
                           "class_iou": float(std["iou"][c + 1])})
         return {"images": self.images, "confusion": self.conf.copy(), "standard": std,
                 "ignore_pred_255": authors,

@@ -38,7 +38,14 @@ from core.parallel import parallel_map
 from core.paths import CAMS_DIR, EVAL_DIR, EVAL_PSEUDO_METRICS, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, THRESHOLD_SWEEP_PLOT
 from core.stage_cli import stage_main
 from dataio.label_png import voc_palette
-from method.metrics import SegEvaluator, boundary_counts, confusion_matrix, cooccurrence_fp, scores_from_confusion
+from method.metrics import (
+    SegEvaluator,
+    boundary_counts,
+    confusion_matrix,
+    context_pixels,
+    cooccurrence_fp,
+    scores_from_confusion,
+)
 
 
 class EvaluateError(ValueError):
@@ -96,12 +103,13 @@ def _evaluate_one(image_id: str) -> tuple:
                             f"is {gt.shape[1]}x{gt.shape[0]}")
     conf = confusion_matrix(gt, pred, n)
     bnd = boundary_counts(gt, pred, _WORKER["tolerance"])
-    ctx_fp = {}
+    ctx_fp, ctx_px = {}, {}
     if _WORKER["context_class"]:
         ctx = ds.load_context(image_id)
         if ctx is None:
             raise EvaluateError(f"the dataset defines contexts but image {image_id} has no context map")
         ctx_fp = cooccurrence_fp(gt, pred, ctx, _WORKER["context_class"])
+        ctx_px = context_pixels(gt, ctx, _WORKER["context_class"])
     sweep = None
     thresholds = _WORKER["thresholds"]
     if thresholds:
@@ -113,7 +121,7 @@ def _evaluate_one(image_id: str) -> tuple:
             masks = sweep_masks(rec, thresholds)
             ctx_sweep = [cooccurrence_fp(gt, m, ctx, _WORKER["context_class"]) for m in masks] if ctx_fp else None
             sweep = (np.stack([confusion_matrix(gt, m, n) for m in masks]), ctx_sweep)
-    return conf, bnd, ctx_fp, sweep
+    return conf, bnd, ctx_fp, ctx_px, sweep
 
 
 # --------------------------------------------------------------------------- report image
@@ -262,11 +270,13 @@ def evaluate(cfg: EvaluateConfig, dataset, predictions: str | Path, *, out_dir: 
                               local_initializer=functools.partial(_init_worker, *init, preds=preds),
                               chunksize=max(1, min(32, len(ids) // (4 * max(1, cfg.workers)))),
                               progress=progress, desc="evaluate") as results:
-                for conf, bnd, ctx_fp, sweep in results:
+                for conf, bnd, ctx_fp, ctx_px, sweep in results:
                     acc.conf += conf
                     acc.boundary += bnd
                     for k, v in ctx_fp.items():
                         acc.context_fp[k] += v
+                    for k, v in ctx_px.items():
+                        acc.context_px[k] += v
                     acc.images += 1
                     if sweep is not None:
                         sweep_conf += sweep[0]
@@ -313,7 +323,7 @@ def _metrics(summary: dict, names: list[str], ctx_names: list[str], sweep_rows: 
     for p in summary["cooccurrence"]:
         key = f"{ctx_names[p['context'] - 1] if p['context'] - 1 < len(ctx_names) else p['context']}" \
               f"->{names[p['class'] + 1]}"
-        pairs[key] = {"ratio": p["ratio"], "class_iou": p["class_iou"]}
+        pairs[key] = {"ratio": p["ratio"], "context_share": p["context_share"], "class_iou": p["class_iou"]}
     ratios = [p["ratio"] for p in summary["cooccurrence"] if not math.isnan(p["ratio"])]
     metrics: dict[str, Any] = {
         "images": summary["images"],
@@ -359,10 +369,11 @@ def _write_outputs(out_dir: Path, metrics_path: Path, plots_path: Path | None, s
     cooc = pd.DataFrame([{"context": p["context"],
                           "context_name": ctx_names[p["context"] - 1] if p["context"] - 1 < len(ctx_names) else "",
                           "class": p["class"], "class_name": names[p["class"] + 1], "fp_pixels": p["fp"],
-                          "tp_pixels": int(p["tp"]), "ratio": p["ratio"], "class_iou": p["class_iou"]}
+                          "tp_pixels": int(p["tp"]), "ratio": p["ratio"], "context_pixels": p["context_pixels"],
+                          "context_share": p["context_share"], "class_iou": p["class_iou"]}
                          for p in summary["cooccurrence"]],
                         columns=["context", "context_name", "class", "class_name", "fp_pixels", "tp_pixels",
-                                 "ratio", "class_iou"])
+                                 "ratio", "context_pixels", "context_share", "class_iou"])
     sweep = pd.DataFrame(sweep_rows, columns=["threshold", "miou", "mean_mkc", "mean_precision", "mean_recall"])
     with atomic_path(out_dir, is_dir=True) as tmp:
         per_class.to_csv(tmp / "per_class.csv", index=False, float_format="%.6f")

@@ -17,6 +17,7 @@ from method.metrics import (
     boundary_edges,
     boundary_scores,
     confusion_matrix,
+    context_pixels,
     cooccurrence_fp,
     fill_ignore,
     scores_from_confusion,
@@ -128,6 +129,9 @@ def test_cooccurrence_ratio_by_hand():
     pair = ev.summary()["cooccurrence"][0]
     # TP of class 0: (0,0) (0,1) (0,2) (1,0) -> 4
     assert pair["tp"] == 4 and pair["fp"] == 3 and pair["ratio"] == pytest.approx(3 / 4)
+    # context-1 pixels not truly class 0: (0,3) (0,4) (1,3) (1,4); (0,1) (0,2) are train, (1,5) is ignore
+    assert context_pixels(gt, ctx, {1: 0}) == {1: 4}
+    assert pair["context_pixels"] == 4 and pair["context_share"] == pytest.approx(3 / 4)
     # no true positives: ratio undefined
     ev2 = SegEvaluator(num_classes=1, context_class={1: 0})
     ev2.add(gt, np.zeros_like(pred), ctx)
