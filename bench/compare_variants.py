@@ -109,6 +109,7 @@ def collect(run: Path) -> dict:
         "boundary_f1": pseudo.get("boundary", {}).get("f1"),
         "confusion": pseudo.get("cooccurrence", {}).get("mean_ratio"),
         "pairs": {k: v["ratio"] for k, v in pseudo.get("cooccurrence", {}).get("pairs", {}).items()},
+        "context_share": {k: v.get("context_share") for k, v in pseudo.get("cooccurrence", {}).get("pairs", {}).items()},
         "per_class_iou": pseudo.get("per_class_iou"),
         # the best constant background threshold, picked with the ground truth: an oracle, never a default
         "oracle_threshold": pseudo.get("threshold_sweep", {}).get("oracle_threshold"),

@@ -40,27 +40,48 @@ START, END = "<!-- embedded-benchmark:start -->", "<!-- embedded-benchmark:end -
 # the saliency oracle's maps, written into the variant's copy from its ground truth (bench/upper_bounds.py)
 GT_SALIENCY = "gt_saliency"
 
+# the earlier defaults (until the relative selection, the L_sal weight and the joint background): rows measured
+# with them keep them explicitly, so that each row's command reproduces it
+EARLIER = "train_cls.map_selection=adaptive,train_cls.sal_weight=1"
+SAL_BG = "export_masks.background=saliency"  # the default rule: pinned where a row is about training only
+
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("cam", "train_cls.method=cam,export_masks.background=threshold", "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
-    ("cam_saliency", "train_cls.method=cam", "evaluate", "CAM, background 1 - saliency (the default rule)"),
-    ("eps", "", "evaluate_seg", "EPS, defaults (background 1 - saliency)"),
-    ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, the model's background map"),
-    ("eps_threshold", "export_masks.background=threshold", "evaluate", "EPS, constant background 0.20"),
-    ("eps_crf", "export_masks.crf=true", "evaluate_seg", "EPS, defaults + dense CRF"),
+    ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate", "CAM, background 1 - saliency"),
+    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background 1 - saliency)"),
+    ("eps_joint", "export_masks.background=joint", "evaluate_seg",
+     "EPS, defaults but the joint background (saliency and the model's map)"),
+    ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, defaults but the model's background map"),
+    ("eps_w1", "train_cls.sal_weight=1", "evaluate",
+     "EPS, defaults but L_sal weight 1 (paper): the relative selection alone"),
+    ("eps_adaptive_w5", "train_cls.map_selection=adaptive", "evaluate",
+     "EPS, defaults but the paper's adaptive selection: the L_sal weight alone"),
+    ("eps_w10_joint", "train_cls.sal_weight=10,export_masks.background=joint", "evaluate",
+     "EPS, L_sal weight 10 and the joint background"),
+    ("eps_adaptive", f"{EARLIER},{SAL_BG}", "evaluate_seg",
+     "EPS, the earlier defaults (paper's adaptive selection, L_sal weight 1, background 1 - saliency)"),
+    ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG}", "evaluate",
+     "EPS, naive selection (every present class foreground; weight 1, background 1 - saliency)"),
+    ("eps_threshold", f"{EARLIER},export_masks.background=threshold", "evaluate",
+     "EPS (earlier defaults), constant background 0.20"),
+    ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap", "evaluate",
+     "EPS (earlier defaults), the model's background map"),
+    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true", "evaluate_seg", "EPS (earlier defaults) + dense CRF"),
     ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
      "ground-truth masks (upper bound)"),
-    ("eps_loss_stride4", "train_cls.loss_stride=4", "evaluate", "EPS, L_sal on maps upsampled to crop/4"),
-    ("eps_warmup", "train_cls.selection_warmup=100", "evaluate",
-     "EPS, naive selection for the first 100 iterations"),
-    ("eps_authors", "train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
+    ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4", "evaluate",
+     "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
+    ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100", "evaluate",
+     "EPS (earlier defaults), naive selection for the first 100 iterations"),
+    ("eps_authors", f"{EARLIER},train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
                     "export_masks.background=threshold", "evaluate",
-     "EPS, the authors' rules (empty maps to the background, nearest saliency, 0.20)"),
-    ("eps_empty_background", "train_cls.empty_maps=background", "evaluate",
-     "EPS, a class with no confident pixel goes to the background (the authors' rule, alone)"),
-    ("eps_saliency_oracle", f"saliency.backend=precomputed,saliency.precomputed_dir={GT_SALIENCY}", "evaluate_seg",
-     "EPS with the ground-truth foreground as saliency (an oracle: training and export)"),
+     "EPS, the authors' rules (adaptive selection, weight 1, empty maps to the background, nearest saliency, 0.20)"),
+    ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background", "evaluate",
+     "EPS (earlier defaults), a class with no confident pixel goes to the background (the authors' rule, alone)"),
+    ("eps_saliency_oracle", f"{EARLIER},{SAL_BG},saliency.backend=precomputed,saliency.precomputed_dir={GT_SALIENCY}",
+     "evaluate_seg", "EPS (earlier defaults) with the ground-truth foreground as saliency (an oracle: training and export)"),
 )
 
 

@@ -15,6 +15,10 @@ on the ``--split`` images:
   present class there), a non-salient pixel is background. What perfect class maps can give when the
   saliency decides the background (``export_masks.background: saliency``).
 * **saliency alone**: IoU of the salient region with the true foreground (class-agnostic).
+* **selection**: the share of present classes whose true region overlaps the saliency by more than
+  ``train_cls.tau`` (|GT_c ∩ B_s| / |GT_c| > tau): the foreground share the adaptive selection would give
+  if each class map were exactly its objects. Compare with ``train/fg_selected`` of a training run: a
+  share far below it means classes the saliency does cover are trapped in the background.
 * **present classes**: every object pixel labelled with its true class inside the true foreground but
   the background predicted everywhere else: 1.0 by definition; not printed.
 
@@ -66,6 +70,27 @@ def saliency_background_oracle(gt: np.ndarray, saliency: np.ndarray) -> np.ndarr
     return pred.astype(np.uint8)
 
 
+def selection_oracle(gt: np.ndarray, saliency: np.ndarray, tau: float) -> tuple[int, int]:
+    """(present classes whose true region is salient by more than ``tau``, present classes) of one image."""
+    salient = saliency > 0.5
+    labels = [c for c in np.unique(gt) if 0 < c < 255]
+    return sum(int(salient[gt == c].mean() > tau) for c in labels), len(labels)
+
+
+def print_bounds(rows: dict) -> None:
+    """The mIoU bounds as a markdown table, then the selection oracle."""
+    print("| bound | mIoU | boundary F1 | mean m_kc |\n|---|---|---|---|")
+    for name, r in rows.items():
+        if "miou" in r:
+            cells = [r.get(k) for k in ("miou", "boundary_f1", "mean_mkc")]
+            print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    sel = rows.get("selection", {})
+    if sel.get("foreground_share") is not None:
+        print(f"\nselection oracle: {sel['foreground_share']:.3f} of the {sel['present']} present classes have their "
+              f"true region salient by more than tau = {sel['tau']} (the foreground share of a perfect adaptive "
+              "selection; compare train/fg_selected)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -96,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     res = SegEvaluator(ds.num_classes, ctx)
     res1 = SegEvaluator(ds.num_classes, ctx)
     sal_bg = SegEvaluator(ds.num_classes, ctx)
-    inter = union = 0
+    inter = union = selected = present = 0
     ctx_names = list(getattr(ds, "context_names", []) or [])
     ctx_salient, ctx_total = np.zeros(len(ctx_names) + 1), np.zeros(len(ctx_names) + 1)
     ids = ds.ids(args.split)
@@ -109,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         res1.add(gt, resolution_oracle(gt, ds.num_classes + 1, [1.0], stride), context)
         sal = load_saliency(args.saliency_dir, image_id, gt.shape)
         sal_bg.add(gt, saliency_background_oracle(gt, sal), context)
+        sel = selection_oracle(gt, sal, params.train_cls.tau)
+        selected, present = selected + sel[0], present + sel[1]
         fg, salient = (gt > 0) & (gt != 255), (sal > 0.5) & (gt != 255)
         inter += int((fg & salient).sum())
         union += int((fg | salient).sum())
@@ -125,11 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         rows[name] = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],
                       "mean_mkc": float(np.mean(ratios)) if ratios else None}
     rows["saliency alone (foreground IoU)"] = {"miou": inter / union if union else None}
+    rows["selection"] = {"foreground_share": selected / present if present else None, "present": present,
+                         "tau": params.train_cls.tau}
     print(f"component upper bounds on {len(ids)} {args.split} images (oracles: they use the ground truth)")
-    print("| bound | mIoU | boundary F1 | mean m_kc |\n|---|---|---|---|")
-    for name, r in rows.items():
-        cells = [r.get(k) for k in ("miou", "boundary_f1", "mean_mkc")]
-        print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    print_bounds(rows)
     shares = {name: ctx_salient[k] / ctx_total[k] for k, name in enumerate(ctx_names, start=1) if ctx_total[k]}
     if shares:
         rows["salient share of each context (saliency > 0.5 on visible context pixels)"] = shares

@@ -43,6 +43,15 @@ def test_saliency_background_oracle_by_hand():
     assert ub.saliency_background_oracle(gt, sal).tolist() == [[1, 1, 0, 2], [0, 1, 2, 1]]
 
 
+def test_selection_oracle_by_hand():
+    gt = np.array([[1, 1, 1, 1, 2, 2], [0, 0, 3, 3, 3, 255]], np.uint8)
+    sal = np.array([[0.9, 0.9, 0.2, 0.1, 0.6, 0.1], [0.9, 0.0, 0.1, 0.1, 0.8, 0.9]], np.float32)
+    # class 1: 2/4 salient, class 2: 1/2, class 3: 1/3; ignore (255) and background are not classes
+    assert ub.selection_oracle(gt, sal, 0.4) == (2, 3)
+    assert ub.selection_oracle(gt, sal, 0.5) == (0, 3)
+    assert ub.selection_oracle(gt, sal, 0.3) == (3, 3)
+
+
 @pytest.fixture
 def tiny_prepared(tmp_path, make_voc):
     from dataio.manifest import write_manifest
@@ -64,6 +73,7 @@ def test_command_with_ground_truth_saliency_gives_perfect_saliency_bounds(tmp_pa
     rows = json.loads(out.read_text())
     assert rows["saliency alone (foreground IoU)"]["miou"] == pytest.approx(1.0)
     assert rows["saliency > 0.5 as the foreground (perfect classes)"]["miou"] == pytest.approx(1.0)
+    assert rows["selection"]["foreground_share"] == pytest.approx(1.0)
     res = [v for k, v in rows.items() if k.startswith("resolution")]
     assert len(res) == 2 and all(0.0 < r["miou"] < 1.0 for r in res)   # 10x10 objects on a stride-16 grid
     assert "oracles: they use the ground truth" in capsys.readouterr().out
