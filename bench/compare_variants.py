@@ -34,7 +34,13 @@ sys.path.insert(0, str(REPO))
 
 from core.config import ConfigError  # noqa: E402
 from core.overrides import apply_overrides, parse_assignments  # noqa: E402
-from core.paths import EVAL_PSEUDO_METRICS, EVAL_SEG_METRICS, MODELS_STATE, TRAIN_CLS_METRICS  # noqa: E402
+from core.paths import (  # noqa: E402
+    EVAL_PSEUDO_METRICS,
+    EVAL_REFINED_METRICS,
+    EVAL_SEG_METRICS,
+    MODELS_STATE,
+    TRAIN_CLS_METRICS,
+)
 
 DEFAULT_VARIANTS = (
     "eps",
@@ -101,6 +107,8 @@ def collect(run: Path) -> dict:
     cls_perf = read_json(run / "data/timings/train_cls.json").get("perf", {})
     pseudo = read_json(run / EVAL_PSEUDO_METRICS)
     seg = read_json(run / EVAL_SEG_METRICS)
+    refined = read_json(run / EVAL_REFINED_METRICS)
+    aff_perf = read_json(run / "data/timings/train_affinity.json").get("perf", {})
     return {
         "val_mAP": cls.get("val", {}).get("mAP"),
         "s_per_iter": cls_perf.get("sec_per_iter"),
@@ -121,6 +129,16 @@ def collect(run: Path) -> dict:
         "seg_miou": seg.get("miou"),
         "seg_per_class_iou": seg.get("per_class_iou"),
         "seg_train_s": read_json(run / "data/timings/train_seg.json").get("perf", {}).get("train_seconds"),
+        # the AffinityNet refinement (train_affinity, refine_masks, evaluate_refined)
+        "refined_miou": refined.get("miou"),
+        "refined_boundary_f1": refined.get("boundary", {}).get("f1"),
+        "refined_confusion": refined.get("cooccurrence", {}).get("mean_ratio"),
+        "refined_pairs": {k: v["ratio"] for k, v in refined.get("cooccurrence", {}).get("pairs", {}).items()},
+        "refined_per_class_iou": refined.get("per_class_iou"),
+        "affinity_train_s": aff_perf.get("train_seconds"),
+        "affinity_s_per_iter": aff_perf.get("sec_per_iter"),
+        "affinity_peak_rss_mb": aff_perf.get("peak_rss_mb"),
+        "refine_img_s": read_json(run / "data/timings/refine_masks.json").get("timing", {}).get("images_per_s"),
     }
 
 

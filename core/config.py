@@ -1,15 +1,13 @@
 """Typed configuration loaded from ``params.yaml``.
 
-Every knob of the pipeline lives in ``params.yaml``; this module turns it into
-frozen dataclasses and rejects anything it does not understand *before* a
-stage starts work: an unknown key, a value of the wrong type, or a value out
-of range raises :class:`ConfigError` naming the dotted key (``saliency.workers``).
+Every knob of the pipeline lives in ``params.yaml``; this module turns it into frozen dataclasses and
+rejects anything it does not understand *before* a stage starts work: an unknown key, a value of the
+wrong type, or a value out of range raises :class:`ConfigError` naming the dotted key (``saliency.workers``).
 
 Each section is a dataclass. A field may carry metadata:
 
-* ``range=(lo, hi)`` inclusive bounds for numbers (``None`` = unbounded),
-* ``choices=(...)`` the allowed values of a string,
-* ``doc="..."`` a one-line description (shown in errors),
+* ``range=(lo, hi)`` inclusive bounds for numbers (``None`` = unbounded), ``choices=(...)`` the allowed
+  values of a string, ``doc="..."`` a one-line description (shown in errors),
 * ``operational=True`` for knobs that change how a stage runs, not its result (:func:`result_params`).
 """
 
@@ -199,19 +197,12 @@ class TrainClsConfig:
     def check(self, prefix: str) -> None:
         lo_hi = self.resize_long
         if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 8:
-            raise ConfigError(f"params key '{prefix}.resize_long' must be [min, max] with 8 <= min <= max, "
-                              f"got {lo_hi}")
+            raise ConfigError(f"params key '{prefix}.resize_long' must be [min, max] with 8 <= min <= max, got {lo_hi}")
         cj = self.color_jitter
         if len(cj) != 4 or any(v < 0 for v in cj) or cj[3] > 0.5:
             raise ConfigError(f"params key '{prefix}.color_jitter' must be 4 non-negative values "
                               f"[brightness, contrast, saturation, hue <= 0.5], got {cj}")
-        if self.backbone == "resnet38d" and self.output_stride != 8:
-            raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, "
-                              f"got {self.output_stride}")
-        if (self.pretrained and not self.weights_path
-                and self.backbone in ("resnet38d", "resnet50", "resnet101")):
-            raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {self.backbone} "
-                              f"with pretrained: true (a local ImageNet state dict; nothing is downloaded)")
+        check_backbone(self, prefix)
         if self.method == "eps" and self.map_selection == "predefined" and not self.predefined_background:
             raise ConfigError(f"params key '{prefix}.predefined_background' must name at least one class "
                               f"when '{prefix}.map_selection' is predefined")
@@ -221,9 +212,10 @@ class TrainClsConfig:
 class TrainSegConfig:
     """Segmentation network (DeepLab-v1 LargeFOV / DeepLab-v2 ASPP) trained on the pseudo-masks."""
 
-    mask_source: str = knob("pseudo", choices=("pseudo", "ground_truth"),
-                            doc="pseudo = data/pseudo_masks.h5 (export_masks); ground_truth = the "
-                                "dataset's own masks (the fully supervised upper bound)")
+    mask_source: str = knob("pseudo", choices=("pseudo", "refined", "ground_truth"),
+                            doc="pseudo = data/pseudo_masks.h5 (export_masks); refined = data/refined_masks.h5 "
+                                "(refine_masks, AffinityNet); ground_truth = the dataset's own masks (the "
+                                "fully supervised upper bound)")
     head: str = knob("aspp", choices=("largefov", "aspp"), doc="largefov = DeepLab-v1; aspp = DeepLab-v2")
     backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
     output_stride: int = knob(16, choices=(8, 16), doc="feature stride (DeepLab: 8); resnet38d is 8 by design")
@@ -256,19 +248,26 @@ class TrainSegConfig:
                                                    "0 = at the end only", operational=True)
 
     def check(self, prefix: str) -> None:
-        lo_hi = self.scale_range
-        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
-            raise ConfigError(f"params key '{prefix}.scale_range' must be [min, max] with 0 < min <= max, "
-                              f"got {lo_hi}")
+        check_dense_trainer(self, prefix)
         if not self.aspp_rates or any(r < 1 for r in self.aspp_rates):
             raise ConfigError(f"params key '{prefix}.aspp_rates' must list positive dilations, got {self.aspp_rates}")
-        if self.backbone == "resnet38d" and self.output_stride != 8:
-            raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, "
-                              f"got {self.output_stride}")
-        if (self.pretrained and not self.weights_path
-                and self.backbone in ("resnet38d", "resnet50", "resnet101")):
-            raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {self.backbone} "
-                              f"with pretrained: true (a local ImageNet state dict; nothing is downloaded)")
+
+
+def check_dense_trainer(cfg: Any, prefix: str) -> None:
+    """What train_seg and train_affinity check alike: the rescale range and the backbone."""
+    lo_hi = cfg.scale_range
+    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(f"params key '{prefix}.scale_range' must be [min, max] with 0 < min <= max, got {lo_hi}")
+    check_backbone(cfg, prefix)
+
+
+def check_backbone(cfg: Any, prefix: str) -> None:
+    """Every trainer: resnet38d has stride 8; the ResNets' ImageNet weights are a local file."""
+    if cfg.backbone == "resnet38d" and cfg.output_stride != 8:
+        raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, got {cfg.output_stride}")
+    if cfg.pretrained and not cfg.weights_path and cfg.backbone in ("resnet38d", "resnet50", "resnet101"):
+        raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {cfg.backbone} "
+                          f"with pretrained: true (a local ImageNet state dict; nothing is downloaded)")
 
 
 @dataclass(frozen=True)
@@ -348,6 +347,54 @@ class ExportMasksConfig:
 
 
 @dataclass(frozen=True)
+class TrainAffinityConfig:
+    """AffinityNet (psa, Table 4's refinement) trained on the sure regions of the pseudo-masks."""
+
+    backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
+    output_stride: int = knob(16, choices=(8, 16), doc="backbone stride (resnet38d: 8)")
+    pretrained: bool = knob(True, doc="start the backbone from ImageNet weights")
+    weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
+    feature_stride: int = knob(4, choices=(4, 8), doc="affinity grid stride (psa: 8); levels this deep or deeper fused")
+    radius: int = knob(5, range=(2, 16), doc="pairs of cells closer than this on the grid (psa: 5)")
+    conf_fg_margin: float = knob(0.10, range=(0.0, 1.0), doc="sure class: beats the background + this (IRN: 0.30 vs 0.20)")
+    conf_bg_margin: float = knob(0.15, range=(0.0, 1.0), doc="sure background: wins at background - this; rest ignored")
+    freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
+    iterations: int = knob(300, range=(1, None), doc="psa: 8 epochs")
+    batch_size: int = knob(8, range=(1, None), doc="global batch (split over DDP processes)")
+    lr: float = knob(0.01, range=(0.0, None), doc="backbone learning rate, poly decay (psa: 0.1 for ResNet-38)")
+    head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the new 1x1 layers")
+    momentum: float = knob(0.9, range=(0.0, 1.0))
+    weight_decay: float = knob(5e-4, range=(0.0, None))
+    poly_power: float = knob(0.9, range=(0.0, None))
+    crop_size: int = knob(128, range=(16, 4096), doc="training crop side (psa: 448)")
+    scale_range: list[float] = knob([1.0, 1.5], doc="random rescale factor drawn from [min, max]")
+    flip: bool = knob(True, doc="random horizontal flip")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = cores / processes", operational=True)
+    workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = in the training process", operational=True)
+    checkpoint_every: int = knob(50, range=(1, None), doc="iterations between resume checkpoints", operational=True)
+    log_every: int = knob(10, range=(1, None), doc="iterations between logged loss averages", operational=True)
+    eval_every: int = knob(0, range=(0, None), doc="unused (nothing to validate against)", operational=True)
+
+    def check(self, prefix: str) -> None:
+        check_dense_trainer(self, prefix)
+
+
+@dataclass(frozen=True)
+class RefineMasksConfig:
+    """Random-walk refinement of the pseudo-masks with the trained AffinityNet (psa's infer_aff)."""
+
+    background: str = knob("export", choices=("export", "psa"), doc="export = export_masks' background at image size, "
+                           "class maps walked, max 1; psa = [(1 - max CAM)^alpha, CAMs] walked (psa's infer_aff)")
+    alpha: float = knob(16.0, range=(0.0, None), doc="background power of background: psa (psa: 16)")
+    beta: float = knob(8.0, range=(0.0, None), doc="power of the affinities in the transition matrix (psa: 8)")
+    logt: int = knob(6, range=(0, 16), doc="2^logt walk steps (psa: 8 on 56 cells; 6: its steps per area on 32 cells)")
+    compression: int = knob(4, range=(0, 9), doc="gzip level of the HDF5 datasets")
+    device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
+    threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Pseudo-mask (or segmentation) quality: IoU, boundary F1, co-occurrence confusion, sweep."""
 
@@ -366,8 +413,7 @@ class EvaluateConfig:
         if not self.splits:
             raise ConfigError(f"params key '{prefix}.splits' must name at least one split")
         if any(not 0.0 <= t <= 1.0 for t in self.sweep_thresholds):
-            raise ConfigError(f"params key '{prefix}.sweep_thresholds' must lie in [0, 1], "
-                              f"got {self.sweep_thresholds}")
+            raise ConfigError(f"params key '{prefix}.sweep_thresholds' must lie in [0, 1], got {self.sweep_thresholds}")
 
 
 @dataclass(frozen=True)
@@ -383,6 +429,8 @@ class Params:
     predict_seg: PredictSegConfig = field(default_factory=PredictSegConfig)
     infer_cam: InferCamConfig = field(default_factory=InferCamConfig)
     export_masks: ExportMasksConfig = field(default_factory=ExportMasksConfig)
+    train_affinity: TrainAffinityConfig = field(default_factory=TrainAffinityConfig)
+    refine_masks: RefineMasksConfig = field(default_factory=RefineMasksConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
@@ -494,6 +542,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "infer_cam": ("infer_cam",),
     "export_masks": ("export_masks",),
     "evaluate": ("evaluate",),
+    "train_affinity": ("seed", "train_affinity"),
+    "refine_masks": ("refine_masks",),
+    # the refined masks' evaluation: the evaluate keys that act without CAMs
+    "evaluate_refined": ("evaluate.splits", "evaluate.boundary_tolerance", "evaluate.report_images",
+                         "evaluate.report_tile"),
     "train_seg": ("seed", "train_seg"),
     "predict_seg": ("predict_seg",),
     # the segmenter's evaluation: the split it predicted and the evaluate keys that act without CAMs

@@ -156,3 +156,29 @@ def crop_window(h: int, w: int, crop: int, rng: np.random.Generator) -> tuple[sl
     cx, ix = offsets(w)
     ch, cw = min(crop, h), min(crop, w)
     return slice(cy, cy + ch), slice(cx, cx + cw), slice(iy, iy + ch), slice(ix, ix + cw)
+
+
+def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: int,
+            scale_range: tuple[float, float], flip: bool, pad_value: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """DeepLab's augmentation of an (image, label map) pair: rescale by a factor drawn from ``scale_range``
+    (bilinear image, nearest labels), flip, and a ``crop`` window padded with ``pad_value`` (image) and
+    255 (labels); image float32 HxWx3 in [0, 1], labels uint8. The segmenter and AffinityNet share it."""
+    import cv2
+
+    lo, hi = scale_range
+    scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
+    h, w = mask.shape
+    if scale != 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+    if flip and rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    rows, cols, img_rows, img_cols = crop_window(*mask.shape, crop, rng)
+    out = np.empty((crop, crop, 3), dtype=np.float32)
+    out[:] = pad_value
+    out[rows, cols] = image[img_rows, img_cols].astype(np.float32) / 255.0
+    out_mask = np.full((crop, crop), 255, dtype=np.uint8)  # ignored by the losses
+    out_mask[rows, cols] = mask[img_rows, img_cols]
+    return out, out_mask

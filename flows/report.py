@@ -15,7 +15,8 @@ from flows.dvc_stages import StageResult
 MAX_CELL = 120
 HEADLINE = "headline.json"
 # headline section -> the stage that produces its values (dvc.yaml)
-PRODUCERS = {"classifier": "train_cls", "pseudo_masks": "evaluate", "segmenter": "evaluate_seg"}
+PRODUCERS = {"classifier": "train_cls", "pseudo_masks": "evaluate", "refined_masks": "evaluate_refined",
+             "segmenter": "evaluate_seg"}
 
 
 def _cell(value: object) -> str:

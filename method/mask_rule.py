@@ -56,3 +56,21 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
 def argmax_mask(scores: np.ndarray, values: np.ndarray) -> np.ndarray:
     """uint8 mask: the mask value of the highest score (ties go to the first, background)."""
     return np.asarray(values, dtype=np.uint8)[np.argmax(scores, axis=0)]
+
+
+def sure_labels(scores: np.ndarray, values: np.ndarray, fg_margin: float, bg_margin: float,
+                ignore: int = 255) -> np.ndarray:
+    """psa's confident regions from an image's candidate scores (:func:`mask_scores`): a pixel is its
+    class where that class still wins with the background score raised by ``fg_margin`` (psa's low
+    alpha), background where the background still wins lowered by ``bg_margin`` (psa's high alpha),
+    and ``ignore`` in between. With the constant 0.20 background, margins 0.10 / 0.15 give IRN's
+    ``conf_fg_thres`` 0.30 and ``conf_bg_thres`` 0.05."""
+    raised = scores.copy()
+    raised[0] += fg_margin
+    lowered = scores.copy()
+    lowered[0] -= bg_margin
+    fg = np.argmax(raised, axis=0)
+    labels = np.full(scores.shape[1:], ignore, dtype=np.uint8)
+    labels[fg != 0] = np.asarray(values, dtype=np.uint8)[fg[fg != 0]]
+    labels[np.argmax(lowered, axis=0) == 0] = 0
+    return labels

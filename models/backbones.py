@@ -86,6 +86,15 @@ class Backbone(nn.Module):
         """Layers frozen by ``train_cls.freeze_stem`` (low-level filters worth keeping)."""
         return []
 
+    def levels(self, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """``forward`` keeping intermediate features: ``(stride, features)`` of each level, shallow to
+        deep, the last being ``forward``'s output (AffinityNet reads several levels, as psa)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its levels")
+
+    def level_channels(self) -> list[tuple[int, int]]:
+        """``(stride, channels)`` of each entry of :meth:`levels`."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its levels")
+
 
 # --------------------------------------------------------------------------- ResNet-38d
 
@@ -172,12 +181,26 @@ class ResNet38d(Backbone):
         self.b7 = _ResBlockBottleneck(2048, 4096, dilation=4, dropout=0.5)
         self.bn7 = nn.BatchNorm2d(4096)
 
+    _BLOCKS = ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b4_1", "b4_2", "b4_3",
+               "b4_4", "b4_5", "b5", "b5_1", "b5_2", "b6", "b7")
+    # psa's forward_as_dict: conv3 (b3_2), conv4 (b4_5), conv5 (b5_2), conv6 (relu(bn7)); b2_2 at stride 2
+    _LEVELS = {"b2_2": (2, 128), "b3_2": (4, 256), "b4_5": (8, 512), "b5_2": (8, 1024)}
+
     def forward(self, x):
+        return self.levels(x)[-1][1]
+
+    def levels(self, x):
+        out = []
         x = self.conv1a(x)
-        for name in ("b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4", "b4_1", "b4_2", "b4_3",
-                     "b4_4", "b4_5", "b5", "b5_1", "b5_2", "b6", "b7"):
+        for name in self._BLOCKS:
             x = getattr(self, name)(x)
-        return F.relu(self.bn7(x))
+            if name in self._LEVELS:
+                out.append((self._LEVELS[name][0], x))
+        out.append((8, F.relu(self.bn7(x))))
+        return out
+
+    def level_channels(self):
+        return [*self._LEVELS.values(), (8, 4096)]
 
     def early_layers(self):
         # the authors' `not_training` list (psa/EPS resnet38_eps.py)
@@ -254,12 +277,31 @@ class EfficientNetLite(Backbone):
             for j in range(lo + 1, hi):
                 self.blocks[j]._depthwise_conv.dilation = (dilation,) * 2
 
+        # the deepest block at each stride below the output stride is a level (the head is the last)
+        strides, stride = [], 2
+        for block in self.blocks:
+            stride *= block._depthwise_conv.stride[0]
+            strides.append(stride)
+        self._level_blocks = {i: strides[i] for i in range(len(strides))
+                              if strides[i] < output_stride and (i + 1 == len(strides) or strides[i + 1] > strides[i])}
+
     def forward(self, x):
+        return self.levels(x, keep=False)[-1][1]
+
+    def levels(self, x, keep: bool = True):
+        out = []
         x = self.act(self.bn0(self.stem(x)))
         n = len(self.blocks)
         for idx, block in enumerate(self.blocks):
             x = block(x, drop_connect_rate=self.drop_connect_rate * idx / n)
-        return self.act(self.bn1(self.conv_head(x)))
+            if keep and idx in self._level_blocks:
+                out.append((self._level_blocks[idx], x))
+        out.append((self.output_stride, self.act(self.bn1(self.conv_head(x)))))
+        return out
+
+    def level_channels(self):
+        return [*((s, self.blocks[i]._bn2.num_features) for i, s in self._level_blocks.items()),
+                (self.output_stride, self.out_channels)]
 
     def early_layers(self):
         return [self.stem, self.bn0, *self.blocks[: self.num_stem_blocks]]
@@ -291,6 +333,20 @@ class TorchvisionResNet(Backbone):
 
     def forward(self, x):
         return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def levels(self, x):
+        out, stride = [], 4
+        x = self.stem(x)
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            if i and stride < self.output_stride:
+                stride *= 2
+            x = layer(x)
+            out.append((stride, x))
+        return out
+
+    def level_channels(self):
+        strides = [4, 8, 16, 32]
+        return [(min(s, self.output_stride), c) for s, c in zip(strides, (256, 512, 1024, 2048))]
 
     def early_layers(self):
         return [self.stem, self.layer1]

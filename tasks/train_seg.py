@@ -1,10 +1,10 @@
 """Stage ``train_seg``: train DeepLab (v1 LargeFOV or v2 ASPP) on the pseudo-masks.
 
 ``python -m tasks.train_seg [--params params.yaml]`` reads ``data/prepared/dataset.json`` and
-``data/pseudo_masks.h5`` (``train_seg.mask_source: pseudo``) or the dataset's own masks
-(``ground_truth``, the fully supervised upper bound), and writes ``data/train_seg/segmenter.pt``
-(read by :func:`models.deeplab.load_segmenter`) and dvclive metrics/plots in
-``data/train_seg/live/``. Several processes: ``torchrun --nproc_per_node=N -m tasks.train_seg``
+``data/pseudo_masks.h5`` (``train_seg.mask_source: pseudo``), ``data/refined_masks.h5`` (``refined``: the
+AffinityNet refinement) or the dataset's own masks (``ground_truth``, the fully supervised upper bound),
+and writes ``data/train_seg/segmenter.pt`` (read by :func:`models.deeplab.load_segmenter`) and dvclive
+metrics/plots in ``data/train_seg/live/``. Several processes: ``torchrun --nproc_per_node=N -m tasks.train_seg``
 (DDP; gloo on CPU, nccl on CUDA); ``train_seg.batch_size`` is the global batch.
 
 Training follows DeepLab-v2: SGD with momentum, poly learning rate, the head at ``head_lr_mult``
@@ -41,10 +41,11 @@ from torch.utils.data import DataLoader, Dataset
 from core import training
 from core.config import TrainSegConfig, result_params
 from core.hashing import file_sha256
-from core.paths import MANIFEST, PSEUDO_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
+from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, crop_window, sample_rng
+from core.training import DistContext, ResumableBatchSampler, sample_rng
+from core.training import augment_pair as augment
 from dataio.dataset import SegImages
 from models.deeplab import DeepLab, build_deeplab, save_segmenter
 
@@ -62,14 +63,15 @@ class TrainSegError(ValueError):
 
 
 class MaskSource:
-    """Training masks by image id: the pseudo-mask HDF5 file or the dataset's ground truth.
+    """Training masks by image id: a pseudo-mask HDF5 file (raw or refined) or the dataset's ground truth.
 
     Picklable and fork-safe: the HDF5 file is (re)opened lazily in whichever process reads it.
     """
 
     def __init__(self, kind: str, reader: SegImages, h5_path: str | Path | None = None):
-        if kind not in ("pseudo", "ground_truth"):
-            raise TrainSegError(f"params key 'train_seg.mask_source' = {kind!r} is not pseudo or ground_truth")
+        if kind not in ("pseudo", "refined", "ground_truth"):
+            raise TrainSegError(f"params key 'train_seg.mask_source' = {kind!r} is not pseudo, refined or "
+                                f"ground_truth")
         self.kind, self.reader = kind, reader
         self.h5_path = Path(h5_path) if h5_path is not None else None
         self._h5 = None
@@ -82,13 +84,13 @@ class MaskSource:
         return self._h5
 
     def where(self, image_id: str) -> str:
-        if self.kind == "pseudo":
+        if self.kind != "ground_truth":
             return f"{self.h5_path} (masks/{image_id})"
         path = getattr(self.reader, "mask_path", lambda _i: None)(image_id)
         return str(path) if path is not None else f"ground-truth mask of '{image_id}'"
 
     def load(self, image_id: str) -> np.ndarray:
-        if self.kind == "pseudo":
+        if self.kind != "ground_truth":
             mask = self._file().mask(image_id)
         else:
             mask = self.reader.load_mask(image_id)
@@ -148,28 +150,6 @@ class SegTrainSamples(Dataset):
                               self.scale_range, self.flip, self.pad_value)
         return {"image": torch.from_numpy(image).permute(2, 0, 1),
                 "mask": torch.from_numpy(mask.astype(np.int64))}
-
-
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: int,
-            scale_range: tuple[float, float], flip: bool, pad_value: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """Rescale, flip and crop (with padding); image float32 HxWx3 in [0, 1], mask uint8."""
-    lo, hi = scale_range
-    scale = float(rng.uniform(lo, hi)) if hi > lo else float(lo)
-    h, w = mask.shape
-    if scale != 1.0:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-        mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-    if flip and rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    rows, cols, img_rows, img_cols = crop_window(*mask.shape, crop, rng)
-    out = np.empty((crop, crop, 3), dtype=np.float32)
-    out[:] = pad_value
-    out[rows, cols] = image[img_rows, img_cols].astype(np.float32) / 255.0
-    out_mask = np.full((crop, crop), IGNORE, dtype=np.uint8)
-    out_mask[rows, cols] = mask[img_rows, img_cols]
-    return out, out_mask
 
 
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -249,7 +229,7 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
     if manifest is not None and Path(manifest).is_file():
         h.update(Path(manifest).read_bytes())
     masks = MaskSource(cfg.mask_source, reader, masks_path)
-    if cfg.mask_source == "pseudo":
+    if cfg.mask_source != "ground_truth":
         from artifacts.pseudo_masks import PseudoMasks
         with PseudoMasks(masks_path) as pm:
             if pm.class_names[1:] != names:
@@ -277,7 +257,7 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
             if callable(image_size) and tuple(mask.shape) != tuple(image_size(image_id)):
                 raise TrainSegError(f"mask {masks.where(image_id)} is {tuple(mask.shape)}, the image is "
                                     f"{tuple(image_size(image_id))}"
-                                    + ("; rerun export_masks" if cfg.mask_source == "pseudo" else ""))
+                                    + ("; rerun export_masks" if cfg.mask_source != "ground_truth" else ""))
             bad = (mask > reader.num_classes) & (mask != IGNORE)
             if bad.any():
                 raise TrainSegError(f"mask {masks.where(image_id)} holds label {int(mask[bad][0])}; allowed "
@@ -294,7 +274,8 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
 
 
 def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
-        masks_path: str | Path = PSEUDO_MASKS, out_dir: str | Path = TRAIN_SEG_DIR,
+        masks_path: str | Path = PSEUDO_MASKS, refined_path: str | Path = REFINED_MASKS,
+        out_dir: str | Path = TRAIN_SEG_DIR,
         state_dir: str | Path = TRAIN_SEG_STATE, metrics_path: str | Path | None = TRAIN_SEG_METRICS,
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
@@ -305,6 +286,8 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
     iteration ``i`` (1-based) and its checkpoint, if any.
     """
     with training_process(cfg.device, cfg.threads, key="train_seg", error=TrainSegError) as dctx:
+        if cfg.mask_source == "refined":
+            masks_path = refined_path
         return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
                       Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx,
                       timings)
@@ -333,7 +316,7 @@ def _write_outputs(cfg: TrainSegConfig, seed: int, model: DeepLab, reader: SegIm
             "dropout": cfg.dropout, "aspp_rates": list(cfg.aspp_rates),
             "mask_source": cfg.mask_source, "seed": seed, "train_seg": result_params(cfg),
             "fingerprint": fingerprint}
-    if cfg.mask_source == "pseudo":
+    if cfg.mask_source != "ground_truth":
         meta["pseudo_masks_sha256"] = file_sha256(masks_path)
     save_segmenter(out_dir / "segmenter.pt", model, meta)
     if metrics_path is not None:
@@ -398,11 +381,12 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
 
 def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file (mask_source: pseudo)"),
+             "--refined": (REFINED_MASKS, "refined-mask HDF5 file (mask_source: refined)"),
              "--out": TRAIN_SEG_DIR, "--state-dir": (TRAIN_SEG_STATE, "resume checkpoints (outside DVC outputs)"),
              "--metrics": (TRAIN_SEG_METRICS, "summary metrics ('' = none)")}
 
     def body(args, params) -> None:
-        run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
+        run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks, refined_path=args.refined,
             out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None, timings=args.timings)
 
     return stage_main("train_seg", __doc__, argv, paths, body, timings=True)

@@ -93,10 +93,16 @@ def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, spec, target, _ in eb.VARIANTS:
         cv.apply_variant(yaml.safe_load(yaml.safe_dump(params)), parse_assignments(spec), name)  # exits on a bad key
-        assert target in ("evaluate", "evaluate_seg")
+        assert target in ("evaluate", "evaluate_refined", "evaluate_seg")
     row = {"label": "EPS", "pseudo_miou": 0.5, "oracle_miou": 0.4, "oracle_threshold": 0.6, "boundary_f1": 0.3,
            "confusion": 1.25, "pairs": {"rail->train": 1.25}, "seg_miou": 0.45, "seg_train_s": 300.0,
            "val_mAP": 0.99, "s_per_iter": 0.5, "peak_rss_mb": 1200.0}
     text = eb.tables({"variants": {"eps": row}, "command": "python bench/embedded_benchmark.py", "machine": "2 CPUs"})
     assert "| EPS | 0.500 | 0.400 @ 0.6 | 0.300 | 1.25 | 1.25 |" in text
     assert "| EPS | 0.450 | 300 |" in text and "| EPS | 0.990 | 0.50 | 1200 |" in text
+    # the Table 4 rows: raw, + CRF (another variant's raw masks), + AffinityNet (the refined masks of a run)
+    row.update(refined_miou=0.52, refined_boundary_f1=0.31, refined_confusion=1.2, affinity_train_s=200.0,
+               affinity_s_per_iter=0.66, refine_img_s=9.0)
+    crf = dict(row, label="EPS + CRF", pseudo_miou=0.51)
+    text = eb.tables({"variants": {"eps": row, "eps_crf_now": crf}, "command": "c", "machine": "m"})
+    assert "| EPS, defaults | 0.500 | 0.510 | 0.520 | 0.310 | 1.20 | 200 (0.66) | 9.0 |" in text

@@ -15,8 +15,8 @@ from models.deeplab import load_segmenter
 REPO = Path(__file__).resolve().parents[1]
 
 
-DAG = ("prepare", "saliency", "train_cls", "infer_cam", "export_masks", "evaluate", "train_seg", "predict_seg",
-       "evaluate_seg")
+DAG = ("prepare", "saliency", "train_cls", "infer_cam", "export_masks", "evaluate", "train_affinity", "refine_masks",
+       "evaluate_refined", "train_seg", "predict_seg", "evaluate_seg")
 TINY_PARAMS = {
     "prepare": {"num_train": 16, "num_val": 8, "image_size": 64, "preview_count": 2},
     "saliency": {"backend": "spectral_residual", "workers": 1},
@@ -25,6 +25,9 @@ TINY_PARAMS = {
     "infer_cam": {"scales": [1.0], "threads": 1},
     "export_masks": {"workers": 1},
     "evaluate": {"workers": 1, "report_images": 2},
+    "train_affinity": {"iterations": 2, "batch_size": 4, "crop_size": 64, "threads": 1, "workers": 0,
+                       "checkpoint_every": 1, "log_every": 1},
+    "refine_masks": {"threads": 1, "logt": 3},
     "train_seg": {"iterations": 2, "batch_size": 4, "crop_size": 64, "aspp_rates": [1, 2], "threads": 1,
                   "workers": 1, "checkpoint_every": 1, "log_every": 1},
     "predict_seg": {"scales": [1.0], "threads": 1, "report_images": 2},
@@ -116,6 +119,21 @@ def _flow_reruns_train_seg_onwards(root: Path, plan: list[str]) -> None:
     assert headline["segmenter"]["val_miou"] == json.loads((root / "data/metrics/eval_seg.json").read_text())["miou"]
 
 
+def _refine_param_reruns_refine_onwards(root: Path) -> None:
+    """One refine_masks param changes: refine_masks and what reads its file rerun, AffinityNet and
+    everything before it stay cached."""
+    _set_params(root, {"refine_masks": {"logt": 2}})
+    rerun = _dvc(root, "repro").stdout
+    ran = set(re.findall(r"Running stage '([a-z_]+)'", rerun))
+    assert {"refine_masks", "evaluate_refined"} <= ran, rerun[-3000:]
+    assert not ran & {"prepare", "saliency", "train_cls", "infer_cam", "export_masks", "evaluate",
+                      "train_affinity"}, rerun[-3000:]
+    refined = json.loads((root / "data/metrics/eval_refined.json").read_text())
+    assert refined["images"] == 16 and 0.0 <= refined["miou"] <= 1.0
+    headline = json.loads((root / "data/metrics/headline.json").read_text())
+    assert headline["refined_masks"]["miou"] == refined["miou"]
+
+
 def _experiments_and_a_remote(root: Path, tmp_path: Path) -> None:
     """Metrics are git-tracked, experiments show them, outputs go to a local DVC remote and a fresh
     clone pulls every output from it instead of recomputing it."""
@@ -141,7 +159,8 @@ def _experiments_and_a_remote(root: Path, tmp_path: Path) -> None:
 
 def test_whole_dag_in_a_repo_copy_then_a_train_seg_param_reruns_only_train_seg_onwards(tmp_path):
     """`dvc repro` runs prepare -> ... -> evaluate_seg at tiny sizes; outputs are byte-reproducible and
-    params validated; after one train_seg param changes, the Prefect flow reruns train_seg onwards;
+    params validated; after one train_seg param changes, the Prefect flow reruns train_seg onwards; after
+    one refine_masks param changes, `dvc repro` reruns refine_masks onwards;
     experiments, metrics diffs and a DVC remote work on the result."""
     from flows.dvc_stages import plan_stages
 
@@ -158,4 +177,5 @@ def test_whole_dag_in_a_repo_copy_then_a_train_seg_param_reruns_only_train_seg_o
     _first_repro(root, plan)
     _check_caching_and_params(root)
     _flow_reruns_train_seg_onwards(root, plan)
+    _refine_param_reruns_refine_onwards(root)
     _experiments_and_a_remote(root, tmp_path)
