@@ -76,6 +76,8 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
     ("eps_affinity_600", "train_affinity.iterations=600", "evaluate_refined",
      "EPS, defaults, AffinityNet trained 600 iterations (8 epochs, psa's length)"),
+    ("eps_affinity_600_seg", "train_affinity.iterations=600,train_seg.mask_source=refined", "evaluate_seg",
+     "EPS, defaults, the segmenter on masks refined by AffinityNet trained 600 iterations"),
     ("cam_crf", "train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true", "evaluate",
      "CAM, constant background 0.20 + dense CRF"),
     ("cam_affinity", "train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa",
@@ -97,7 +99,8 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
 
 
 # rows about what follows the pseudo-masks (their raw masks are another row's): left out of the pseudo-mask table
-NOT_PSEUDO_ROWS = ("gt_seg", "eps_refined_seg", "eps_affinity_psa", "eps_affinity_600", "cam_affinity")
+NOT_PSEUDO_ROWS = ("gt_seg", "eps_refined_seg", "eps_affinity_psa", "eps_affinity_600", "eps_affinity_600_seg",
+                   "cam_affinity")
 
 
 def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
