@@ -119,6 +119,8 @@ def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
                     raise SystemExit(f"[{name}] {' '.join(cmd[:3])} failed; see {log}")
         # evaluate_seg does not need evaluate: name both so every row has its pseudo-mask figures
         targets = ["evaluate", target] if target != "evaluate" else [target]
+        if target == "evaluate_seg":   # train_seg reads the refined masks: score them too
+            targets.insert(1, "evaluate_refined")
         proc = subprocess.run([dvc, "repro", *targets], cwd=run, stdout=f, stderr=subprocess.STDOUT,
                               env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     if proc.returncode != 0:
