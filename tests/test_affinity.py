@@ -22,6 +22,7 @@ from dataio.voc import VOCDataset
 from method.mask_rule import sure_labels
 from models.affinity import (
     AffinityNet,
+    _shifted,
     affinity_labels,
     affinity_loss,
     load_affinity_net,
@@ -80,6 +81,20 @@ def test_pair_affinities_are_exp_of_minus_the_mean_absolute_difference():
     assert torch.allclose(aff[0, 0, :, 1], torch.full((2,), math.exp(-2)))
     assert torch.all(aff[0, 0, :, 2] == 0)                           # partner outside the grid
     assert torch.allclose(aff[0, 1, 0], torch.ones(3)) and torch.all(aff[0, 1, 1] == 0)
+
+
+def test_pair_affinity_gradient_equals_autograd_of_the_formula():
+    """The hand-written backward pass (it recomputes the sign to save memory) gives autograd's gradient."""
+    torch.manual_seed(0)
+    f = torch.randn(2, 3, 5, 6, dtype=torch.double, requires_grad=True)
+    offsets = pair_offsets(3)
+    assert torch.autograd.gradcheck(lambda x: pair_affinities(x, offsets), (f,))
+    plain = torch.stack([torch.exp(-(f - _shifted(f, dy, dx)).abs().mean(1)) * _shifted(torch.ones(5, 6), dy, dx)
+                         for dy, dx in offsets], 1)
+    weights = torch.rand_like(plain)
+    (g_plain,) = torch.autograd.grad((plain * weights).sum(), f)
+    (g_ours,) = torch.autograd.grad((pair_affinities(f, offsets) * weights).sum(), f)
+    assert torch.allclose(g_ours, g_plain)
 
 
 def test_affinity_loss_is_psas_balanced_sum():
