@@ -359,7 +359,7 @@ class TrainAffinityConfig:
     conf_fg_margin: float = knob(0.10, range=(0.0, 1.0), doc="sure class: beats the background + this (IRN: 0.30 vs 0.20)")
     conf_bg_margin: float = knob(0.15, range=(0.0, 1.0), doc="sure background: wins at background - this; rest ignored")
     freeze_bn: bool = knob(True, doc="BatchNorm statistics and affine parameters stay fixed")
-    iterations: int = knob(300, range=(1, None), doc="psa: 8 epochs")
+    iterations: int = knob(600, range=(1, None), doc="psa: 8 epochs")
     batch_size: int = knob(8, range=(1, None), doc="global batch (split over DDP processes)")
     lr: float = knob(0.01, range=(0.0, None), doc="backbone learning rate, poly decay (psa: 0.1 for ResNet-38)")
     head_lr_mult: float = knob(10.0, range=(0.0, None), doc="learning-rate multiplier of the new 1x1 layers")
