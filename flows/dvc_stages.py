@@ -379,6 +379,22 @@ def _yaml_value(value: object) -> str:
 # --------------------------------------------------------------------------- metrics
 
 
+def experiment_metrics(root: str | Path, name: str) -> dict[str, object]:
+    """The metrics DVC recorded for experiment ``name`` (``dvc exp show --json``), by file name as
+    :func:`read_metrics` gives the workspace's; empty when DVC lists no such experiment."""
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=Path(root),
+                           env=subprocess_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise PipelineError(f"`dvc exp show --json` failed in {root}: {shown.stderr.strip()[-500:]}")
+    for baseline in json.loads(shown.stdout or "[]"):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") == name or exp.get("name") == name:
+                    files = ((rev.get("data") or {}).get("metrics") or {})
+                    return {Path(path).name: (content or {}).get("data", content) for path, content in files.items()}
+    return {}
+
+
 def read_metrics(root: str | Path) -> dict[str, object]:
     """``data/metrics/*.json`` of the repo, by file name; an unreadable file maps to its error."""
     found: dict[str, object] = {}

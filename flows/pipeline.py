@@ -48,6 +48,7 @@ from flows.dvc_stages import (
     PipelineError,
     StageFailedError,
     StageResult,
+    experiment_metrics,
     plan_stages,
     read_metrics,
     run_experiment,
@@ -57,6 +58,44 @@ from flows.dvc_stages import (
 from flows.report import summary_markdown
 
 ARTIFACT_KEY = "dvc-pipeline-summary"
+ALL_STAGES = "all"   # the run form's choice for "no stage": the whole pipeline
+# flow-run tags read from the run's params (params.yaml and its overrides): tag -> dotted key
+RUN_TAG_KEYS = {"method": "train_cls.method", "backbone": "train_cls.backbone"}
+
+
+def run_tags(params_file: Path, overrides: dict[str, Any] | None) -> list[str]:
+    """``method:eps``, ``backbone:...``: what the run trains, as tags to filter runs by in the UI.
+    Keys a project does not have give no tag."""
+    import yaml
+
+    try:
+        params = yaml.safe_load(params_file.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        params = {}
+    tags = []
+    for tag, key in RUN_TAG_KEYS.items():
+        value: Any = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        value = (overrides or {}).get(key, value)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            tags.append(f"{tag}:{value}")
+    return tags
+
+
+def _add_run_tags(tags: list[str], logger) -> None:
+    """Add ``tags`` to the current flow run (a run started from the UI has the deployment's only)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not tags:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run.id)
+            client.update_flow_run(flow_run.id, tags=sorted(set(run.tags) | set(tags)))
+    except Exception as e:  # noqa: BLE001 - tags help to find runs; they must not fail one
+        logger.warning("could not tag the flow run with %s: %s", ", ".join(tags), e)
 
 
 def _level(line: str) -> int:
@@ -120,6 +159,7 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
     when empty). ``repo`` is the DVC project root (default: this project)."""
     logger = get_run_logger()
     root = Path(repo) if repo else PROJECT_ROOT
+    stage = None if stage in (None, "", ALL_STAGES) else stage
     plan = plan_stages(root, stage, downstream)
     logger.info("DVC plan in %s: %s", root, " -> ".join(plan) or "(no stages)")
     if params:
@@ -128,11 +168,15 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
         except ConfigError as e:
             logger.error("bad params override, nothing ran: %s", e)
             raise
+        _add_run_tags(run_tags(root / "params.yaml", params), logger)
         exp = dvc_experiment(str(root), dict(params), plan, experiment, [stage] if stage else [], downstream,
                              force)
-        # the experiment ran in a temporary copy: the workspace's metrics files are not its metrics
-        _publish_summary(root, f"DVC experiment {exp.name}", exp.stages, [], None, logger, metrics={})
+        _add_run_tags([f"exp:{exp.name}"], logger)
+        # the experiment ran in a temporary copy: its metrics are DVC's record of it, not the workspace's files
+        _publish_summary(root, f"DVC experiment {exp.name}", exp.stages, [], None, logger,
+                         metrics=_experiment_metrics(root, exp.name, logger), experiment=exp.name)
         return exp.stages
+    _add_run_tags(run_tags(root / "params.yaml", None), logger)
     results: list[StageResult] = []
     current: str | None = None
     previous = None
@@ -153,13 +197,23 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
     return results
 
 
+def _experiment_metrics(root: Path, name: str, logger) -> dict:
+    try:
+        return experiment_metrics(root, name)
+    except (PipelineError, ValueError) as e:
+        logger.warning("could not read experiment %s's metrics: %s", name, e)
+        return {}
+
+
 def _publish_summary(root: Path, title: str, results: list[StageResult], not_run: list[str], current: str | None,
-                     logger, metrics: dict | None = None) -> None:
+                     logger, metrics: dict | None = None, experiment: str = "") -> None:
     """The run's artifact; ``metrics`` default to the workspace's ``data/metrics/*.json``."""
     try:
         markdown = summary_markdown(title, results, not_run, current, read_metrics(root) if metrics is None else metrics)
-        if metrics == {}:
-            markdown += "\nMetrics: `dvc exp show` lists this experiment's.\n"
+        if experiment:
+            markdown += (f"\nMetrics of experiment `{experiment}` as DVC recorded them; `dvc exp show` lists it "
+                         f"beside the others, `dvc exp apply {experiment}` brings it into the workspace "
+                         f"(runs of one experiment carry the tag `exp:{experiment}`).\n")
         create_markdown_artifact(
             key=ARTIFACT_KEY,
             markdown=markdown,
@@ -183,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a params key (repeatable): the run becomes a DVC experiment")
     parser.add_argument("--name", default="", help="with --set: the experiment's name")
     args = parser.parse_args(argv)
+    args.stage = None if args.stage == ALL_STAGES else args.stage
     if args.downstream and not args.stage:
         parser.error("--downstream needs --stage NAME")
     try:  # fail fast on a bad stage name or override, before Prefect starts its API server

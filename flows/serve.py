@@ -4,6 +4,9 @@
     make serve    # terminal 2: this process; the deployment "dvc-pipeline/eps-pipeline" appears
                   # under Deployments, and "Run" opens a form with stage, downstream, force and params
 
+The form's ``stage`` is a choice of the stages of the served repo's ``dvc.yaml`` (in the order
+``dvc repro`` runs them) and "all"; restart this process after adding a stage.
+
 A run's ``params`` (dotted params.yaml keys -> values, e.g. ``{"train_cls.tau": 0.3}``) make it a DVC
 experiment (``flows.pipeline``); this process executes each run in the project root, with the same
 DVC cache and lock as a plain ``dvc repro``. Stop it with Ctrl-C.
@@ -15,7 +18,8 @@ import argparse
 import sys
 
 from flows import PROJECT_ROOT
-from flows.pipeline import dvc_pipeline
+from flows.dvc_stages import PipelineError, plan_stages
+from flows.pipeline import ALL_STAGES, dvc_pipeline
 
 DEPLOYMENT = "eps-pipeline"
 
@@ -25,10 +29,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repo", default=str(PROJECT_ROOT), help="DVC project the runs use (default: %(default)s)")
     ap.add_argument("--name", default=DEPLOYMENT, help="deployment name (default: %(default)s)")
     args = ap.parse_args(argv)
-    dvc_pipeline.serve(name=args.name, parameters={"repo": args.repo}, tags=["eps", "dvc"],
-                       description="The EPS pipeline through DVC: a stage, its downstream, or everything; "
-                                   "params overrides run as a DVC experiment.")
+    try:
+        stages = plan_stages(args.repo)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    deployment = dvc_pipeline.to_deployment(
+        name=args.name, parameters={"repo": args.repo}, tags=["eps", "dvc"],
+        description="The EPS pipeline through DVC: a stage, its downstream, or everything; "
+                    "params overrides run as a DVC experiment.")
+    stage_choice(deployment, stages)
+    from prefect import serve
+
+    serve(deployment)
     return 0
+
+
+def stage_choice(deployment, stages: list[str]) -> None:
+    """The run form's ``stage``: a drop-down of ``stages`` and "all" (the default) instead of free text;
+    the server also refuses a run whose stage is not one of them."""
+    schema = deployment._parameter_openapi_schema   # noqa: SLF001 - Prefect's parameter schema, sent as is
+    schema.properties["stage"] = {"title": "stage", "position": schema.properties["stage"].get("position", 0),
+                                  "description": "the DVC stage to run (with downstream: and what follows it)",
+                                  "type": "string", "enum": [ALL_STAGES, *stages], "default": ALL_STAGES}
 
 
 if __name__ == "__main__":

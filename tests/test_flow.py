@@ -323,8 +323,10 @@ def test_a_params_override_runs_as_a_dvc_experiment_and_leaves_params_yaml_alone
     assert _outcomes(state.result()) == [("a", "ran"), ("b", "ran"), ("report", "ran")]
     _, flow_run = _task_runs(state)
     assert flow_run.name == "all a.value=5"
-    summary = _artifact(state)   # the workspace's metrics are not the experiment's: none are shown
-    assert "DVC experiment five" in summary and "report.json" not in summary and "dvc exp show" in summary
+    summary = _artifact(state)   # the experiment's metrics as DVC recorded them, not the workspace's files
+    assert "DVC experiment five" in summary and "dvc exp apply five" in summary
+    assert "| report.json | length | 3 |" in summary and "| report.json | length | 1 |" not in summary
+    assert "exp:five" in flow_run.tags
     assert (repo / "params.yaml").read_text() == before and (repo / "out/a.txt").read_text() == "1"
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
@@ -403,19 +405,38 @@ def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_b
 
     from prefect.deployments import run_deployment
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:   # the run form's stage: a choice of the repo's stages
+        schema = client.read_deployment_by_name("dvc-pipeline/toy").parameter_openapi_schema
+    assert schema["properties"]["stage"]["enum"] == ["all", "a", "b", "report"]
+    assert schema["properties"]["stage"]["default"] == "all"
     run = run_deployment("dvc-pipeline/toy", parameters={"params": {"a.value": 7}, "experiment": "seven"},
                          timeout=600)
     assert run.state.is_completed(), run.state
-    assert run.name == "all a.value=7"
+    assert run.name == "all a.value=7" and {"eps", "dvc", "exp:seven"} <= set(run.tags)
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=served, env=subprocess_env(),
                            capture_output=True, text=True, check=True).stdout
     names = {e.get("name") for rev in json.loads(shown) for e in (rev.get("experiments") or [])}
     assert "seven" in names
     before = _snapshot(served)
+    with pytest.raises(Exception, match="nope"):     # not a stage of the served repo: refused, no run
+        run_deployment("dvc-pipeline/toy", parameters={"stage": "nope"}, timeout=600)
     bad = run_deployment("dvc-pipeline/toy", parameters={"params": {"b.fial": True}}, timeout=600)
     assert bad.state.is_failed() and _snapshot(served) == before
     assert any("b.fial" in line for line in _logs(bad.state))
 
+
+
+def test_runs_are_tagged_with_the_method_and_backbone_their_params_give(tmp_path):
+    from flows.pipeline import run_tags
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"train_cls": {"method": "eps", "backbone": "efficientnet_lite0"}}))
+    assert run_tags(params, None) == ["method:eps", "backbone:efficientnet_lite0"]
+    assert run_tags(params, {"train_cls.method": "cam"}) == ["method:cam", "backbone:efficientnet_lite0"]
+    params.write_text(yaml.safe_dump({"a": {"value": 1}}))     # a project without those keys: no tags
+    assert run_tags(params, None) == []
 
 
 def test_the_summary_gives_the_headline_with_its_stage_and_whether_it_is_from_this_run():
