@@ -105,30 +105,47 @@ def plan_stages(root: str | Path, stage: str | None = None, downstream: bool = F
     selects all its items), or with ``downstream=True`` that stage and every
     stage that depends on it, directly or not.
     """
-    from dvc.exceptions import DvcException
-    from dvc.repo.reproduce import get_active_graph, plan_repro
+    root = _checked_root(root, stage, downstream)
+    with _open_repo(root) as repo:
+        return _plan(repo, root, stage, downstream)
 
+
+def plan_and_status(root: str | Path, stage: str | None = None, downstream: bool = False
+                    ) -> tuple[list[str], set[str]]:
+    """:func:`plan_stages` and :func:`stale_stages` from one opening of the repo (a run's start)."""
+    root = _checked_root(root, stage, downstream)
+    with _open_repo(root) as repo:
+        return _plan(repo, root, stage, downstream), _status(repo, root)
+
+
+def _checked_root(root: str | Path, stage: str | None, downstream: bool) -> Path:
     root = Path(root).resolve()
     if downstream and not stage:
         raise PipelineError("'downstream' needs a stage to start from (--stage NAME)")
     if not (root / PROJECT_FILE).is_file():
         raise PipelineError(f"no {PROJECT_FILE} in {root}: nothing to run")
-    with _open_repo(root) as repo:
-        try:
-            graph = get_active_graph(repo.index.graph)
-            targets = repo.stage.collect(_target(root, stage) if stage else str(root / PROJECT_FILE))
-        except DvcException as e:
-            if stage:
-                known = ", ".join(_address(s, root) for s in _all_stages(repo)) or "(none)"
-                raise PipelineError(f"unknown DVC stage '{stage}' in {root / PROJECT_FILE}; "
-                                    f"stages: {known}") from e
-            raise PipelineError(f"cannot read the DVC pipeline in {root}: {e}") from e
-        if stage and not downstream:
-            chosen = set(targets)
-            steps = [s for s in plan_repro(graph, targets) if s in chosen]
-        else:
-            steps = plan_repro(graph, targets, downstream=downstream)
-        return [_address(s, root) for s in steps]
+    return root
+
+
+def _plan(repo, root: Path, stage: str | None, downstream: bool) -> list[str]:
+    from dvc.exceptions import DvcException
+    from dvc.repo.reproduce import get_active_graph, plan_repro
+
+    try:
+        graph = get_active_graph(repo.index.graph)
+        targets = repo.stage.collect(_target(root, stage) if stage else str(root / PROJECT_FILE))
+    except DvcException as e:
+        if stage:
+            known = ", ".join(_address(s, root) for s in _all_stages(repo)) or "(none)"
+            raise PipelineError(f"unknown DVC stage '{stage}' in {root / PROJECT_FILE}; "
+                                f"stages: {known}") from e
+        raise PipelineError(f"cannot read the DVC pipeline in {root}: {e}") from e
+    if stage and not downstream:
+        chosen = set(targets)
+        steps = [s for s in plan_repro(graph, targets) if s in chosen]
+    else:
+        steps = plan_repro(graph, targets, downstream=downstream)
+    return [_address(s, root) for s in steps]
 
 
 def _all_stages(repo) -> list:
@@ -152,14 +169,18 @@ def is_stale(root: str | Path, stage: str) -> bool:
 
 def stale_stages(root: str | Path) -> set[str]:
     """Every stage DVC sees a change in, from one ``dvc status``: what a run must look at again."""
-    from dvc.exceptions import DvcException
-
     root = Path(root).resolve()
     with _open_repo(root) as repo:
-        try:
-            keys = list(repo.status())
-        except DvcException as e:
-            raise PipelineError(f"`dvc status` failed in {root}: {e}") from e
+        return _status(repo, root)
+
+
+def _status(repo, root: Path) -> set[str]:
+    from dvc.exceptions import DvcException
+
+    try:
+        keys = list(repo.status())
+    except DvcException as e:
+        raise PipelineError(f"`dvc status` failed in {root}: {e}") from e
     return {_address_of_key(key, root) for key in keys}
 
 

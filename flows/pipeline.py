@@ -49,11 +49,11 @@ from flows.dvc_stages import (
     StageFailedError,
     StageResult,
     experiment_metrics,
+    plan_and_status,
     plan_stages,
     read_metrics,
     run_experiment,
     run_stage,
-    stale_stages,
 )
 from flows.report import summary_markdown
 
@@ -160,7 +160,10 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
     logger = get_run_logger()
     root = Path(repo) if repo else PROJECT_ROOT
     stage = None if stage in (None, "", ALL_STAGES) else stage
-    plan = plan_stages(root, stage, downstream)
+    if params:   # the experiment is DVC's to plan; the workspace's status does not matter
+        plan, stale = plan_stages(root, stage, downstream), set()
+    else:        # one `dvc status` decides, until a stage runs
+        plan, stale = plan_and_status(root, stage, downstream)
     logger.info("DVC plan in %s: %s", root, " -> ".join(plan) or "(no stages)")
     if params:
         try:
@@ -180,7 +183,6 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
     results: list[StageResult] = []
     current: str | None = None
     previous = None
-    stale = stale_stages(root)   # one `dvc status` decides, until a stage runs and may change what follows
     try:
         for name in plan:
             current = name

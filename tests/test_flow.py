@@ -17,64 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from toy_dvc_repo import make_toy_repo
 
 import flows  # noqa: F401  (offline Prefect defaults before prefect is imported)
 from flows.dvc_stages import PipelineError, StageFailedError, _split_output, is_stale, plan_stages, subprocess_env
 from flows.pipeline import ARTIFACT_KEY, dvc_pipeline, main
-
-STAGE_SCRIPT = '''\
-"""Toy stages for the flow tests: python stage.py NAME."""
-import json, pathlib, sys
-import yaml
-
-name = sys.argv[1]
-params = yaml.safe_load(open("params.yaml"))
-print(f"toy stage {name} says hello", flush=True)
-print(f"toy stage {name} note on stderr", file=sys.stderr, flush=True)
-if (params.get(name) or {}).get("fail"):
-    print(f"toy stage {name} failed on purpose", file=sys.stderr)
-    sys.exit(3)
-out = pathlib.Path("out")
-out.mkdir(exist_ok=True)
-if name == "a":
-    (out / "a.txt").write_text(str(params["a"]["value"]))
-elif name == "b":
-    (out / "b.txt").write_text((out / "a.txt").read_text() + "+b")
-elif name == "report":
-    metrics = pathlib.Path("data/metrics")
-    metrics.mkdir(parents=True, exist_ok=True)
-    text = (out / "b.txt").read_text()
-    (metrics / "report.json").write_text(json.dumps({"length": len(text), "parts": {"b": text}}))
-'''
-
-# `report` is declared first: the flow must follow the graph, not the file order.
-DVC_YAML = '''\
-stages:
-  report:
-    cmd: python stage.py report
-    deps: [stage.py, out/b.txt]
-    metrics:
-      - data/metrics/report.json:
-          cache: false
-  a:
-    cmd: python stage.py a
-    deps: [stage.py]
-    params: [a.value]
-    outs: [out/a.txt]
-  b:
-    cmd: python stage.py b
-    deps: [stage.py, out/a.txt]
-    params: [b.fail]
-    outs: [out/b.txt]
-'''
-
-
-def _git_dvc_init(root: Path) -> None:
-    env = subprocess_env()
-    subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
-    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"],
-                   cwd=root, check=True, env=env)
 
 
 def _set_params(root: Path, **sections) -> None:
@@ -92,12 +39,7 @@ def _snapshot(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def toy_repo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy_repo")
-    _git_dvc_init(root)
-    (root / "stage.py").write_text(STAGE_SCRIPT)
-    (root / "dvc.yaml").write_text(DVC_YAML)
-    (root / "params.yaml").write_text(yaml.safe_dump({"a": {"value": 1}, "b": {"fail": False}}))
-    return root
+    return make_toy_repo(tmp_path_factory.mktemp("toy_repo"))
 
 
 @pytest.fixture(scope="module")
@@ -403,9 +345,8 @@ def served(ran_copy, prefect_api):
 def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_bad_one(served):
     import json
 
-    from prefect.deployments import run_deployment
-
     from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
 
     with get_client(sync_client=True) as client:   # the run form's stage: a choice of the repo's stages
         schema = client.read_deployment_by_name("dvc-pipeline/toy").parameter_openapi_schema
