@@ -118,6 +118,11 @@ def plan_and_status(root: str | Path, stage: str | None = None, downstream: bool
         return _plan(repo, root, stage, downstream), _status(repo, root)
 
 
+def check_project(root: str | Path, stage: str | None = None, downstream: bool = False) -> Path:
+    """``root`` resolved, after the checks that need no DVC: a dvc.yaml, a stage to go downstream from."""
+    return _checked_root(root, stage, downstream)
+
+
 def _checked_root(root: str | Path, stage: str | None, downstream: bool) -> Path:
     root = Path(root).resolve()
     if downstream and not stage:
@@ -133,7 +138,11 @@ def _plan(repo, root: Path, stage: str | None, downstream: bool) -> list[str]:
 
     try:
         graph = get_active_graph(repo.index.graph)
-        targets = repo.stage.collect(_target(root, stage) if stage else str(root / PROJECT_FILE))
+        if stage:
+            targets = repo.stage.collect(_target(root, stage))
+        else:   # the stages of dvc.yaml, as collect would give them, without parsing it again
+            project = str(root / PROJECT_FILE)
+            targets = [s for s in graph.nodes if getattr(s, "path", None) == project]
     except DvcException as e:
         if stage:
             known = ", ".join(_address(s, root) for s in _all_stages(repo)) or "(none)"

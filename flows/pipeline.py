@@ -48,6 +48,7 @@ from flows.dvc_stages import (
     PipelineError,
     StageFailedError,
     StageResult,
+    check_project,
     experiment_metrics,
     plan_and_status,
     plan_stages,
@@ -243,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.downstream and not args.stage:
         parser.error("--downstream needs --stage NAME")
     try:  # fail fast on a bad stage name or override, before Prefect starts its API server
-        plan_stages(args.repo, args.stage, args.downstream)
+        if args.stage:   # a stage name needs DVC's graph; the whole pipeline only a dvc.yaml (the flow plans it)
+            plan_stages(args.repo, args.stage, args.downstream)
+        else:
+            check_project(args.repo)
         overrides = {".".join(path): value for path, value in map(parse_assignment, args.set)}
         check_overrides(Path(args.repo) / "params.yaml", overrides)
     except (PipelineError, ConfigError) as e:
