@@ -38,11 +38,12 @@ def _free_port() -> int:
 def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` on a free port; (process, API URL) once it answers."""
     port = _free_port()
-    env = dict(subprocess_env(), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(subprocess_env(), PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_API_URL=api)   # the UI's pages call the API here, not at the default port
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    api = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
