@@ -326,6 +326,9 @@ class SameLabels:
     def ids(self, split):
         return list(self._ids[split])
 
+    def median_long_side(self, split="train"):
+        return float(max(self._images[self._ids[split][0]].shape[:2]))
+
     def load_image(self, image_id):
         return self._images[image_id].copy()
 
