@@ -42,9 +42,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
-from core.sizing import sized
 from core.config import load_params  # noqa: E402
 from core.paths import MANIFEST, SALIENCY_DIR
+from core.sizing import sized  # noqa: E402
 from dataio.manifest import open_dataset  # noqa: E402
 from method.metrics import SegEvaluator  # noqa: E402
 
