@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from artifacts.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
 from core.config import load_params  # noqa: E402
 from core.paths import MANIFEST, SALIENCY_DIR
+from core.sizing import sized  # noqa: E402
 from dataio.manifest import open_dataset  # noqa: E402
 from method.metrics import SegEvaluator  # noqa: E402
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
         print(f"wrote {n} ground-truth foreground maps to {out}")
         return 0
-    stride = params.train_cls.output_stride
+    stride = sized(params.train_cls, "train_cls", ds).output_stride
     scales = list(params.infer_cam.scales)
     ctx = dict(getattr(ds, "context_class", {}) or {})
     res = SegEvaluator(ds.num_classes, ctx)

@@ -38,6 +38,9 @@ def knob(default: Any, *, range: tuple | None = None, choices: tuple | None = No
     return field(default=default, metadata=meta)
 
 
+# a knob of this type may be "auto": resolved from the images' size by core.sizing when a stage starts
+AUTO = "auto"
+Auto = typing.Literal["auto"]
 # the backbones models/backbones.py builds
 BACKBONES = ("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101")
 WEIGHTS_PATH_DOC = ("local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
@@ -107,10 +110,10 @@ class SaliencyConfig:
     model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
-    input_size: int = knob(512, range=(32, 4096),
-                           doc="square network input side (onnx/isnet); a model traced at another fixed size "
-                               "is re-specialised to it. IS-Net was trained at 1024 (configs/voc12.yaml uses it "
-                               "for real photos); 512 suits the embedded 128-px images at a quarter of the cost")
+    input_size: int | Auto = knob(AUTO, range=(32, 4096),
+                                  doc="square network input side (onnx/isnet); a model traced at another fixed "
+                                      "size is re-specialised to it. IS-Net was trained at 1024; auto = 4x the "
+                                      "images' long side within [320, 1024] (512 for 128-px images)")
     mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255]")
     std: list[float] = knob([256.0, 256.0, 256.0], doc="IS-Net: (x - 128) / 256")
     channel_order: str = knob("rgb", choices=("rgb", "bgr"), doc="channel order the onnx model expects")
@@ -149,7 +152,7 @@ class TrainClsConfig:
     method: str = knob("eps", choices=("eps", "cam"),
                        doc="eps = C+1 maps trained with L_cls + L_sal; cam = C maps trained with L_cls only")
     backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
-    output_stride: int = knob(16, choices=(8, 16), doc="feature stride; resnet38d is 8 by design")
+    output_stride: int | Auto = knob(AUTO, choices=(8, 16), doc="feature stride; resnet38d is 8 by design")
     pretrained: bool = knob(True, doc="start from ImageNet weights")
     weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
     head_dropout: float = knob(0.0, range=(0.0, 0.9), doc="Dropout2d before the 1x1 head")
@@ -182,8 +185,8 @@ class TrainClsConfig:
     momentum: float = knob(0.9, range=(0.0, 1.0))
     weight_decay: float = knob(5e-4, range=(0.0, None))
     poly_power: float = knob(0.9, range=(0.0, None))
-    crop_size: int = knob(128, range=(16, 4096))
-    resize_long: list[int] = knob([96, 160], doc="random rescale: long side drawn from [min, max] pixels")
+    crop_size: int | Auto = knob(AUTO, range=(16, 4096))
+    resize_long: list[int] | Auto = knob(AUTO, doc="random rescale: long side drawn from [min, max] pixels")
     flip: bool = knob(True, doc="random horizontal flip")
     color_jitter: list[float] = knob([0.3, 0.3, 0.3, 0.1], doc="brightness, contrast, saturation, hue")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
@@ -196,7 +199,7 @@ class TrainClsConfig:
 
     def check(self, prefix: str) -> None:
         lo_hi = self.resize_long
-        if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 8:
+        if lo_hi != AUTO and (len(lo_hi) != 2 or lo_hi[0] > lo_hi[1] or lo_hi[0] < 8):
             raise ConfigError(f"params key '{prefix}.resize_long' must be [min, max] with 8 <= min <= max, got {lo_hi}")
         cj = self.color_jitter
         if len(cj) != 4 or any(v < 0 for v in cj) or cj[3] > 0.5:
@@ -218,7 +221,7 @@ class TrainSegConfig:
                                 "fully supervised upper bound)")
     head: str = knob("aspp", choices=("largefov", "aspp"), doc="largefov = DeepLab-v1; aspp = DeepLab-v2")
     backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
-    output_stride: int = knob(16, choices=(8, 16), doc="feature stride (DeepLab: 8); resnet38d is 8 by design")
+    output_stride: int | Auto = knob(AUTO, choices=(8, 16), doc="feature stride (DeepLab: 8); resnet38d: 8")
     pretrained: bool = knob(True, doc="start the backbone from ImageNet weights")
     weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
     largefov_rate: int = knob(12, range=(1, 64), doc="fc6 dilation of the largefov head (DeepLab-v1: 12)")
@@ -236,8 +239,8 @@ class TrainSegConfig:
     grad_clip: float = knob(1.0, range=(0.0, None),
                             doc="max global gradient norm; 0 = no clipping (DeepLab). Keeps the frozen-BN "
                                 "ReLU6 features of EfficientNet alive in the first iterations")
-    crop_size: int = knob(128, range=(16, 4096), doc="training crop side (DeepLab on VOC: 321)")
-    scale_range: list[float] = knob([1.0, 2.0], doc="random rescale factor drawn from [min, max] (VOC: 0.5 1.5)")
+    crop_size: int | Auto = knob(AUTO, range=(16, 4096), doc="training crop side (DeepLab on VOC: 321)")
+    scale_range: list[float] | Auto = knob(AUTO, doc="random rescale factor drawn from [min, max] (VOC: 0.5 1.5)")
     flip: bool = knob(True, doc="random horizontal flip")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
@@ -256,14 +259,14 @@ class TrainSegConfig:
 def check_dense_trainer(cfg: Any, prefix: str) -> None:
     """What train_seg and train_affinity check alike: the rescale range and the backbone."""
     lo_hi = cfg.scale_range
-    if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+    if lo_hi != AUTO and (len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]):
         raise ConfigError(f"params key '{prefix}.scale_range' must be [min, max] with 0 < min <= max, got {lo_hi}")
     check_backbone(cfg, prefix)
 
 
 def check_backbone(cfg: Any, prefix: str) -> None:
     """Every trainer: resnet38d has stride 8; the ResNets' ImageNet weights are a local file."""
-    if cfg.backbone == "resnet38d" and cfg.output_stride != 8:
+    if cfg.backbone == "resnet38d" and cfg.output_stride not in (8, AUTO):   # auto gives it 8
         raise ConfigError(f"params key '{prefix}.output_stride' must be 8 for resnet38d, got {cfg.output_stride}")
     if cfg.pretrained and not cfg.weights_path and cfg.backbone in ("resnet38d", "resnet50", "resnet101"):
         raise ConfigError(f"params key '{prefix}.weights_path' is required for backbone {cfg.backbone} "
@@ -275,7 +278,7 @@ class PredictSegConfig:
     """Segmenter predictions on a split: multi-scale + flip, optional dense CRF."""
 
     split: str = knob("val", choices=("train", "val"), doc="logical split to predict")
-    scales: list[float] = knob([1.25, 1.5, 1.75], doc="test scales; softmax scores are averaged (VOC: 0.75 1 1.25)")
+    scales: list[float] | Auto = knob(AUTO, doc="test scales; softmax scores are averaged (VOC: 0.75 1 1.25)")
     flip: bool = knob(True, doc="also average the horizontally flipped image")
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
@@ -285,7 +288,7 @@ class PredictSegConfig:
     report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")
 
     def check(self, prefix: str) -> None:
-        if not self.scales or any(s <= 0 for s in self.scales):
+        if self.scales != AUTO and (not self.scales or any(s <= 0 for s in self.scales)):
             raise ConfigError(f"params key '{prefix}.scales' must list positive factors, got {self.scales}")
 
 
@@ -351,10 +354,10 @@ class TrainAffinityConfig:
     """AffinityNet (psa, Table 4's refinement) trained on the sure regions of the pseudo-masks."""
 
     backbone: str = knob("efficientnet_lite0", choices=BACKBONES)
-    output_stride: int = knob(16, choices=(8, 16), doc="backbone stride (resnet38d: 8)")
+    output_stride: int | Auto = knob(AUTO, choices=(8, 16), doc="backbone stride (resnet38d: 8)")
     pretrained: bool = knob(True, doc="start the backbone from ImageNet weights")
     weights_path: str = knob("", doc=WEIGHTS_PATH_DOC)
-    feature_stride: int = knob(4, choices=(4, 8), doc="affinity grid stride (psa: 8); levels this deep or deeper fused")
+    feature_stride: int | Auto = knob(AUTO, choices=(4, 8), doc="affinity grid stride (psa: 8); deeper levels fused")
     radius: int = knob(5, range=(2, 16), doc="pairs of cells closer than this on the grid (psa: 5)")
     conf_fg_margin: float = knob(0.10, range=(0.0, 1.0), doc="sure class: beats the background + this (IRN: 0.30 vs 0.20)")
     conf_bg_margin: float = knob(0.15, range=(0.0, 1.0), doc="sure background: wins at background - this; rest ignored")
@@ -366,8 +369,8 @@ class TrainAffinityConfig:
     momentum: float = knob(0.9, range=(0.0, 1.0))
     weight_decay: float = knob(5e-4, range=(0.0, None))
     poly_power: float = knob(0.9, range=(0.0, None))
-    crop_size: int = knob(128, range=(16, 4096), doc="training crop side (psa: 448)")
-    scale_range: list[float] = knob([1.0, 1.5], doc="random rescale factor drawn from [min, max]")
+    crop_size: int | Auto = knob(AUTO, range=(16, 4096), doc="training crop side (psa: 448)")
+    scale_range: list[float] | Auto = knob(AUTO, doc="random rescale factor drawn from [min, max]")
     flip: bool = knob(True, doc="random horizontal flip")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = cores / processes", operational=True)
@@ -448,6 +451,10 @@ def _convert(value: Any, tp: Any, key: str, meta: dict | None) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
         return build(tp, value, key)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"params key '{key}' must be {' or '.join(map(repr, args))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -459,6 +466,9 @@ def _convert(value: Any, tp: Any, key: str, meta: dict | None) -> Any:
                 return _convert(value, a, key, meta)
             except ConfigError as e:
                 errors.append(str(e))
+        if Auto in args and isinstance(value, str):   # a misspelled auto, not a malformed number
+            what = {int: "an integer", float: "a number"}.get(args[0], "a list")
+            raise ConfigError(f"params key '{key}' must be {what} or 'auto', got {value!r}")
         raise ConfigError(errors[0] if errors else f"params key '{key}' is invalid")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -530,35 +540,6 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
-
-
-# the params each DVC stage reads: whole sections or dotted keys (core.stage_deps turns them into
-# dvc.yaml's key-by-key params, leaving the operational knobs out)
-STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "check_params": (),
-    "prepare": ("dataset", "prepare"),
-    "saliency": ("saliency",),
-    "train_cls": ("seed", "train_cls"),
-    "infer_cam": ("infer_cam",),
-    "export_masks": ("export_masks",),
-    "evaluate": ("evaluate",),
-    "train_affinity": ("seed", "train_affinity"),
-    "refine_masks": ("refine_masks",),
-    # the refined masks' evaluation: the evaluate keys that act without CAMs
-    "evaluate_refined": ("evaluate.splits", "evaluate.boundary_tolerance", "evaluate.report_images",
-                         "evaluate.report_tile"),
-    "train_seg": ("seed", "train_seg"),
-    "predict_seg": ("predict_seg",),
-    # the segmenter's evaluation: the split it predicted and the evaluate keys that act without CAMs
-    "evaluate_seg": ("predict_seg.split", "evaluate.boundary_tolerance", "evaluate.report_images",
-                     "evaluate.report_tile"),
-    "headline": (),
-}
-
-
-def stage_sections(stage: str) -> tuple[str, ...]:
-    """The params.yaml sections ``stage`` reads (what its ``load_params`` validates)."""
-    return tuple(dict.fromkeys(entry.partition(".")[0] for entry in STAGE_PARAMS[stage]))
 
 
 def is_operational(cls: type, name: str) -> bool:

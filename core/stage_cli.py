@@ -11,7 +11,8 @@ import argparse
 import sys
 from typing import Callable
 
-from core.config import Params, load_params, stage_sections
+from core.config import Params, load_params
+from core.stage_params import stage_sections
 from core.timings import timings_path
 
 

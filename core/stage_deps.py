@@ -19,12 +19,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from core.config import STAGE_PARAMS, Params, is_operational
+from core.config import Params, is_operational
+from core.stage_params import STAGE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "dataio", "artifacts", "method", "assets", "models", "tasks")
 
-# stage -> its module (the params each stage reads: core.config.STAGE_PARAMS)
+# stage -> its module (the params each stage reads: core.stage_params.STAGE_PARAMS)
 STAGES: dict[str, str] = {
     "check_params": "tasks.check_params",
     "prepare": "tasks.prepare",

@@ -34,6 +34,8 @@ class SegImages(Protocol):
     def load_image(self, image_id: str) -> np.ndarray: ...
     def labels(self, image_id: str) -> np.ndarray: ...
     def load_mask(self, image_id: str) -> np.ndarray | None: ...
+    def median_long_side(self, split: str = "train") -> float: ...
+
     def has_masks(self, split: str) -> bool: ...
 
 
@@ -59,6 +61,8 @@ class SegDataset:
         self._labels_loaded = False
         self._derived_labels: dict[str, np.ndarray] = {}
         self._has_masks: dict[str, bool] = {}
+        # per logical split, what :meth:`size_statistics` gives; prepare records it in the manifest
+        self.recorded_sizes: dict[str, dict] = {}
         if self.num_classes == 0:
             raise DatasetError(f"{self.root}: no class names; set params key 'dataset.class_names'")
         if self.num_classes >= IGNORE_INDEX:
@@ -121,6 +125,25 @@ class SegDataset:
             raise DatasetError(f"{path}: image not found; add it or remove '{image_id}' from the split list") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: image is corrupt or not an image ({e}); replace the file") from None
+
+    def size_statistics(self, split: str) -> dict:
+        """Image sides of ``split`` in pixels (file headers only): ``{"images", "long": {min, median, max},
+        "short": {...}}``; recorded by prepare, so later stages read it without opening the images."""
+        if split in self.recorded_sizes:
+            return self.recorded_sizes[split]
+        sides = np.array([self.image_size(i) for i in self.ids(split)], dtype=np.float64).reshape(-1, 2)
+        if not len(sides):
+            raise DatasetError(f"{self.root}: split '{split}' has no images to measure")
+        long, short = sides.max(1), sides.min(1)
+        stats = {"images": len(sides),
+                 **{name: {"min": int(v.min()), "median": float(np.median(v)), "max": int(v.max())}
+                    for name, v in (("long", long), ("short", short))}}
+        self.recorded_sizes[split] = stats
+        return stats
+
+    def median_long_side(self, split: str = "train") -> float:
+        """What ``auto`` knobs are sized from (core.sizing): the median long side of ``split``'s images."""
+        return float(self.size_statistics(split)["long"]["median"])
 
     def has_masks(self, split: str) -> bool:
         """Whether the split has ground-truth masks (VOC test and weak-only splits do not).

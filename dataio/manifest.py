@@ -75,6 +75,8 @@ def write_manifest(dataset: SegDataset, manifest_path: str | Path = MANIFEST, *,
     if isinstance(dataset, COCODataset):
         dataset.write_index(manifest_dir / "coco_index.json", splits=("train", "val"))
     entry = dataset.describe(manifest_dir, Path(project_dir))
+    if dataset.recorded_sizes:
+        entry["image_size"] = dataset.recorded_sizes
     write_text_atomic(manifest_path, json.dumps(entry, indent=2, sort_keys=True) + "\n")
     return manifest_path
 
@@ -96,14 +98,16 @@ def open_dataset(manifest_path: str | Path = MANIFEST) -> SegDataset:
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f"{manifest_path}: unreadable dataset manifest ({type(e).__name__}: {e}); "
                            "rerun the prepare stage") from None
+    if kind not in ("voc", "coco"):
+        raise DatasetError(f"{manifest_path}: unknown dataset kind {kind!r} (expected voc or coco); "
+                           "rerun the prepare stage")
     if kind == "voc":
-        return VOCDataset(root, splits=splits, mask_dir=m.get("mask_dir") or "SegmentationClass", labels=labels,
-                          class_names=names, image_dir=m.get("image_dir") or "JPEGImages",
-                          context_dir=m.get("context_dir") or "ContextMaps",
-                          contexts=m.get("contexts") or [])
-    if kind == "coco":
+        ds: SegDataset = VOCDataset(root, splits=splits, mask_dir=m.get("mask_dir") or "SegmentationClass",
+                                    labels=labels, class_names=names, image_dir=m.get("image_dir") or "JPEGImages",
+                                    context_dir=m.get("context_dir") or "ContextMaps", contexts=m.get("contexts") or [])
+    else:
         index = _resolve(m["index"], base) if m.get("index") else None
-        return COCODataset(root, splits=splits, mask_dir=m.get("mask_dir") or "SegmentationClass",
-                           labels=labels, class_names=names, index_path=index)
-    raise DatasetError(f"{manifest_path}: unknown dataset kind {kind!r} (expected voc or coco); "
-                       "rerun the prepare stage")
+        ds = COCODataset(root, splits=splits, mask_dir=m.get("mask_dir") or "SegmentationClass",
+                         labels=labels, class_names=names, index_path=index)
+    ds.recorded_sizes = dict(m.get("image_size") or {})   # image sides per split, measured by prepare
+    return ds

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from core.atomic import atomic_path
 from core.config import PredictSegConfig, result_params
 from core.paths import MANIFEST, PREDICT_DIR, PREDICT_SEG_STATE, SEGMENTER
+from core.sizing import sized
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from dataio.dataset import SegImages
@@ -185,6 +186,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
+    cfg = sized(cfg, "predict_seg", reader)
     model, meta = load_segmenter(segmenter, map_location=device)
     if list(meta["class_names"]) != list(reader.class_names):
         raise PredictSegError(f"{segmenter} was trained for classes {meta['class_names']}, the dataset has "

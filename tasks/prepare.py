@@ -30,6 +30,7 @@ from PIL import Image
 from core.atomic import atomic_path
 from core.config import ConfigError, DatasetConfig, Params, PrepareConfig
 from core.paths import PREPARE_METRICS, PREPARED_DIR
+from core.sizing import auto_values
 from core.stage_cli import stage_main
 from dataio import synthetic
 from dataio.dataset import SegDataset
@@ -243,13 +244,16 @@ def _preview_ids(ds: SegDataset, count: int) -> list[str]:
 def _record(ds: SegDataset, tmp: Path, params: Params, project_dir: Path, metrics_path: Path,
             records: list[dict] | None, workers: int, progress: bool) -> dict:
     """Manifest, preview and metrics of a validated dataset, written into ``tmp``."""
+    sizes = {split: ds.size_statistics(split) for split in SPLITS}   # recorded in the manifest too
     write_manifest(ds, tmp / "dataset.json", project_dir=project_dir)
     metrics: dict[str, Any] = {"dataset": params.dataset.kind, "num_classes": ds.num_classes,
-                               "class_names": ds.class_names, "splits": {}}
+                               "class_names": ds.class_names, "splits": {},
+                               "auto_sizes": {"median_long_side": ds.median_long_side("train"),
+                                              **auto_values(ds.median_long_side("train"))}}
     if records is not None:
         metrics["co_occurrence_rate_param"] = params.prepare.co_occurrence_rate
     for split in SPLITS:
-        entry = split_statistics(ds, split, workers=workers, progress=progress)
+        entry = {**split_statistics(ds, split, workers=workers, progress=progress), "image_size": sizes[split]}
         if records is not None:
             entry["generated"] = _generation_summary(records, split)
         metrics["splits"][split] = entry

@@ -59,6 +59,7 @@ from core.config import SaliencyConfig
 from core.hashing import file_sha256
 from core.parallel import parallel_map
 from core.paths import MANIFEST, SALIENCY_DIR, SALIENCY_METRICS
+from core.sizing import sized
 from core.stage_cli import stage_main
 
 FINGERPRINT_FILE = ".fingerprint.json"
@@ -523,6 +524,7 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
     if empty:
         raise SaliencyError(f"split(s) {', '.join(empty)} of params key 'saliency.splits' have no images")
 
+    cfg = sized(cfg, "saliency", dataset)
     spec = resolve_backend(cfg, project_dir=project_dir, state_dir=state_dir)
     sizes = check_inputs(dataset, ids, spec)
     if spec.backend in ("isnet", "onnx"):

@@ -39,6 +39,7 @@ from core import training
 from core.config import TrainAffinityConfig, result_params
 from core.hashing import file_sha256
 from core.paths import MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, TRAIN_AFFINITY_DIR, TRAIN_AFFINITY_STATE
+from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, augment_pair, sample_rng
@@ -183,6 +184,7 @@ def _train(cfg: TrainAffinityConfig, seed: int, manifest: Path, masks_path: Path
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
+    cfg = sized(cfg, "train_affinity", reader)
     train_ids, scores, data_fp = check_inputs(cfg, reader, masks_path, saliency_dir, manifest)
     fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)
     loop = TrainingLoop("train_affinity", cfg, dctx, ckpt_format=CKPT_FORMAT, fingerprint=fingerprint,

@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from core import training
 from core.config import TrainClsConfig, result_params
 from core.paths import MANIFEST, SALIENCY_DIR, TRAIN_CLS_DIR, TRAIN_CLS_STATE
+from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import Step, TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, crop_window, sample_rng
@@ -365,6 +366,7 @@ def _train(cfg, seed, manifest, saliency_dir, out_dir, state_dir, reader, salien
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
+    cfg = sized(cfg, "train_cls", reader)
     custom_saliency = saliency_fn is not None
     train_ids, val_ids, predefined = _check_inputs(cfg, reader, saliency_dir, custom_saliency)
     ResumableBatchSampler.check(len(train_ids), cfg.batch_size, dctx.world_size, key="train_cls",

@@ -42,6 +42,7 @@ from core import training
 from core.config import TrainSegConfig, result_params
 from core.hashing import file_sha256
 from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
+from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, sample_rng
@@ -332,6 +333,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
+    cfg = sized(cfg, "train_seg", reader)
     train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and dctx.rank == 0)
     num_classes = reader.num_classes
     fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)

@@ -143,6 +143,9 @@ class ColourBlocks:
     def ids(self, split):
         return list(self._ids[split])
 
+    def median_long_side(self, split="train"):
+        return float(max(self._data[self._ids[split][0]][0].shape[:2]))
+
     def has_masks(self, split):
         return split in self._ids
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import ConfigError, load_params, stage_sections
+from core.config import ConfigError, load_params
 from core.stage_deps import STAGES, code_deps, params_deps
+from core.stage_params import stage_sections
 
 REPO = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]

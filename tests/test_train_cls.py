@@ -53,6 +53,9 @@ class FakeReader:
     def ids(self, split):
         return list(self._ids[split])
 
+    def median_long_side(self, split="train"):
+        return float(self._data[self._ids[split][0]][0].shape[1])
+
     def load_image(self, image_id):
         return self._data[image_id][0].copy()
 
@@ -322,6 +325,9 @@ class SameLabels:
 
     def ids(self, split):
         return list(self._ids[split])
+
+    def median_long_side(self, split="train"):
+        return float(max(self._images[self._ids[split][0]].shape[:2]))
 
     def load_image(self, image_id):
         return self._images[image_id].copy()
