@@ -13,6 +13,7 @@ button does. Pages:
 * ``deployments.png``: the Deployments page;
 * ``run_form.png``: the project's run form (``stage`` a choice, ``params`` overrides);
 * ``cached_run.png``: a run of the project where every stage was up to date (each "Cached");
+  ``run_summary.png``: its artifact (stages, headline metrics with their stage, report images);
 * ``mixed_run.png``: the toy's ``all`` after a run of stage ``a`` alone: ``a`` Cached, ``b`` and
   ``report`` Completed, in pipeline order; ``cached_stage.png``: its stage ``a``, in state "Cached";
 * ``bad_run.png``: a run with a misspelled params key, failed before any stage, the key named.
@@ -100,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _screens(out: Path, ui: str, chromium: str, served: list[subprocess.Popen]) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
     from prefect.deployments import run_deployment
 
     with get_client(sync_client=True) as client:
@@ -115,6 +121,10 @@ def _screens(out: Path, ui: str, chromium: str, served: list[subprocess.Popen]) 
     shoot(chromium, f"{ui}/deployments", out / "deployments.png", 700)
     shoot(chromium, f"{ui}/deployments/deployment/{project.id}/run", out / "run_form.png", 1300)
     shoot(chromium, f"{ui}/runs/flow-run/{cached.id}", out / "cached_run.png", 1200)
+    with get_client(sync_client=True) as client:
+        summary = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[cached.id])))[0]
+    shoot(chromium, f"{ui}/artifacts/artifact/{summary.id}", out / "run_summary.png", 2400)
     shoot(chromium, f"{ui}/runs/flow-run/{mixed.id}", out / "mixed_run.png")
     with get_client(sync_client=True) as client:
         cached_a = next(t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(

@@ -56,7 +56,7 @@ from flows.dvc_stages import (
     run_experiment,
     run_stage,
 )
-from flows.report import summary_markdown
+from flows.report import report_images, summary_markdown
 
 ARTIFACT_KEY = "dvc-pipeline-summary"
 ALL_STAGES = "all"   # the run form's choice for "no stage": the whole pipeline
@@ -213,6 +213,8 @@ def _publish_summary(root: Path, title: str, results: list[StageResult], not_run
     """The run's artifact; ``metrics`` default to the workspace's ``data/metrics/*.json``."""
     try:
         markdown = summary_markdown(title, results, not_run, current, read_metrics(root) if metrics is None else metrics)
+        if not experiment:   # an experiment ran in a temporary copy: the workspace's images are not its own
+            markdown += "\n".join(report_images(root, {r.stage for r in results if r.ran})) + "\n"
         if experiment:
             markdown += (f"\nMetrics of experiment `{experiment}` as DVC recorded them; `dvc exp show` lists it "
                          f"beside the others, `dvc exp apply {experiment}` brings it into the workspace "

@@ -8,11 +8,20 @@ projects get every metrics file, flattened.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+from pathlib import Path
 
+from core.paths import EVAL_DIR, EVAL_REFINED_DIR, EVAL_SEG_DIR
 from flows.dvc_stages import StageResult
 
 MAX_CELL = 120
+# the report images the evaluation stages draw: (path, the stage, what it shows)
+REPORT_IMAGES = ((f"{EVAL_DIR}/report.png", "evaluate", "pseudo-masks"),
+                 (f"{EVAL_REFINED_DIR}/report.png", "evaluate_refined", "AffinityNet-refined masks"),
+                 (f"{EVAL_SEG_DIR}/report.png", "evaluate_seg", "segmenter predictions"))
+THUMBNAIL_SIDE = 640   # px; embedded in the artifact as JPEG (the UI shows no files of the project)
 HEADLINE = "headline.json"
 # headline section -> the stage that produces its values (dvc.yaml)
 PRODUCERS = {"classifier": "train_cls", "pseudo_masks": "evaluate", "refined_masks": "evaluate_refined",
@@ -70,3 +79,24 @@ def _headline(metrics: dict[str, object], ran: set[str]) -> list[str]:
     if others:
         lines += ["", "Details: " + ", ".join(f"`data/metrics/{name}`" for name in others) + "."]
     return lines
+
+
+def report_images(root: Path, ran: set[str]) -> list[str]:
+    """Markdown with the evaluation stages' report images, each a thumbnail embedded as a data URI (the
+    Prefect UI renders it; it cannot open the project's files), with its stage and whether it ran now."""
+    from PIL import Image, UnidentifiedImageError
+
+    lines: list[str] = []
+    for rel, stage, what in REPORT_IMAGES:
+        path = Path(root) / rel
+        try:
+            with Image.open(path) as im:
+                im.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                buf = io.BytesIO()
+                im.convert("RGB").save(buf, "JPEG", quality=80)
+        except (OSError, UnidentifiedImageError):
+            continue   # not made yet (or not this project's): nothing to show
+        now = "this run" if stage in ran else "an earlier run"
+        lines += ["", f"### {what} (`{rel}`, stage {stage}, {now})", "",
+                  f"![{what}](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"]
+    return (["", "## Report images"] + lines) if lines else []

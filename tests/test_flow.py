@@ -394,3 +394,22 @@ def test_the_summary_gives_the_headline_with_its_stage_and_whether_it_is_from_th
     assert "| segmenter.val_miou | null | evaluate_seg | no: from an earlier run |" in text
     assert "Details: `data/metrics/eval_pseudo.json`, `data/metrics/prepare.json`." in text
     assert "classes" not in text   # the dataset statistics stay in their own file
+
+
+def test_the_summary_embeds_the_report_images_it_finds_with_their_stage(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from flows.report import report_images
+
+    (tmp_path / "data/eval").mkdir(parents=True)
+    Image.fromarray(np.full((900, 300, 3), 200, np.uint8)).save(tmp_path / "data/eval/report.png")
+    text = "\n".join(report_images(tmp_path, {"evaluate"}))
+    assert "### pseudo-masks (`data/eval/report.png`, stage evaluate, this run)" in text
+    assert "segmenter" not in text and report_images(tmp_path / "none", set()) == []
+    thumb = Image.open(io.BytesIO(base64.b64decode(text.split("base64,")[1].rstrip(")"))))
+    assert thumb.size == (213, 640)    # shrunk to 640 px on its long side, proportions kept
+    assert "an earlier run" in "\n".join(report_images(tmp_path, set()))
