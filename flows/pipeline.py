@@ -222,7 +222,7 @@ def _publish_summary(root: Path, title: str, results: list[StageResult], not_run
         create_markdown_artifact(
             key=ARTIFACT_KEY,
             markdown=markdown,
-            description="Stages ran or skipped as cached, wall times, data/metrics/*.json")
+            description="Stages ran or skipped as cached, headline metrics, report images")
     except Exception as e:  # noqa: BLE001 - a summary must never hide the stage's own error
         logger.warning("could not publish the run summary artifact: %s", e)
 
