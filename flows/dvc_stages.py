@@ -112,7 +112,8 @@ def plan_stages(root: str | Path, stage: str | None = None, downstream: bool = F
 
 def plan_and_status(root: str | Path, stage: str | None = None, downstream: bool = False
                     ) -> tuple[list[str], set[str]]:
-    """:func:`plan_stages` and :func:`stale_stages` from one opening of the repo (a run's start)."""
+    """:func:`plan_stages` and every stage ``dvc status`` sees a change in (what a run must look at
+    again), from one opening of the repo: a run's start."""
     root = _checked_root(root, stage, downstream)
     with _open_repo(root) as repo:
         return _plan(repo, root, stage, downstream), _status(repo, root)
@@ -174,13 +175,6 @@ def is_stale(root: str | Path, stage: str) -> bool:
             return bool(repo.status(targets=[_target(root, stage)]))
         except DvcException as e:
             raise PipelineError(f"`dvc status {stage}` failed in {root}: {e}") from e
-
-
-def stale_stages(root: str | Path) -> set[str]:
-    """Every stage DVC sees a change in, from one ``dvc status``: what a run must look at again."""
-    root = Path(root).resolve()
-    with _open_repo(root) as repo:
-        return _status(repo, root)
 
 
 def _status(repo, root: Path) -> set[str]:
