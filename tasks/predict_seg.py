@@ -40,6 +40,7 @@ from core.sizing import sized
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from dataio.dataset import SegImages
+from models.precision import prepare_model, run_model
 
 IGNORE = 255
 _NOT_IN_FINGERPRINT = ("report_images",)  # besides the operational knobs: the masks do not depend on it
@@ -54,7 +55,7 @@ class PredictSegError(ValueError):
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, image: np.ndarray, scales: list[float], flip: bool,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
     """Averaged softmax probabilities ``(C + 1, H, W)`` over scales (and flips) of one image.
 
     ``image``: ``HxWx3`` uint8 RGB; the model takes RGB in [0, 1] and returns logits at its
@@ -71,7 +72,8 @@ def predict_probs(model: torch.nn.Module, image: np.ndarray, scales: list[float]
         x = x0 if size == (h, w) else F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
         if flip:
             x = torch.cat([x, x.flip(-1)])
-        logits = F.interpolate(model(x), size=(h, w), mode="bilinear", align_corners=False)
+        logits = run_model(model, x, device, precision, channels_last)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         prob = torch.softmax(logits.float(), dim=1)
         if flip:
             prob = torch.stack([prob[0], prob[1].flip(-1)])
@@ -188,6 +190,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
         reader = open_dataset(manifest)
     cfg = sized(cfg, "predict_seg", reader)
     model, meta = load_segmenter(segmenter, map_location=device)
+    prepare_model(model, cfg.channels_last)
     if list(meta["class_names"]) != list(reader.class_names):
         raise PredictSegError(f"{segmenter} was trained for classes {meta['class_names']}, the dataset has "
                               f"{list(reader.class_names)}; rerun train_seg")
@@ -215,7 +218,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
                        unit="img", dynamic_ncols=True, file=sys.stderr)
         for image_id in todo:
             image = np.asarray(reader.load_image(image_id))
-            probs = predict_probs(model, image, cfg.scales, cfg.flip, device)
+            probs = predict_probs(model, image, cfg.scales, cfg.flip, device, cfg.precision, cfg.channels_last)
             _write_png_atomic(partial / f"{image_id}.png", label_map(probs, image, crf_params), palette)
             if bar is not None:
                 bar.update(1)

@@ -41,6 +41,7 @@ from core.timings import write_timings
 from core.training import default_threads
 from method.mask_scores import MaskScores
 from models.affinity import AffinityError, AffinityNet, load_affinity_net, pair_affinities, pair_offsets, random_walk
+from models.precision import prepare_model, run_model
 
 
 class RefineMasksError(ValueError):
@@ -69,7 +70,7 @@ def refine_one(model: AffinityNet, image: np.ndarray, scores: np.ndarray, values
     offsets = pair_offsets(radius)
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div_(255.0).to(device)
     with torch.no_grad():
-        aff = pair_affinities(model(x), offsets)[0]
+        aff = pair_affinities(run_model(model, x, device, cfg.precision, cfg.channels_last), offsets)[0]
         stride = model.feature_stride
         if cfg.background == "psa":
             cams = scores[1:]
@@ -111,7 +112,7 @@ def refine(cfg: RefineMasksConfig, model_path: str | Path, masks_path: str | Pat
                           else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RefineMasksError("params key 'refine_masks.device' is cuda but no CUDA device is available")
-    model.to(device)
+    prepare_model(model.to(device), cfg.channels_last)
     attrs = {k: source_attrs[k] for k in ("method", "checkpoint_sha256", "scales", "flip", "class_activation",
                                           "background", "bg_threshold", "crf", "splits") if k in source_attrs}
     attrs["refinement"] = {"kind": "affinitynet_random_walk", "refine_masks": result_params(cfg),

@@ -42,7 +42,7 @@ from core.paths import MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, TRAIN_AFFINITY_DIR,
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, augment_pair, sample_rng
+from core.training import DistContext, ResumableBatchSampler, augment_pair, launch_processes, sample_rng
 from dataio.dataset import SegImages
 from method.mask_rule import sure_labels
 from method.mask_scores import SALIENCY_RULES, MaskScores
@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
              "--out": TRAIN_AFFINITY_DIR,
              "--state-dir": (TRAIN_AFFINITY_STATE, "resume checkpoints (outside DVC outputs)")}
 
-    def body(args, params) -> None:
+    def body(args, params) -> str | None:
+        if launch_processes("train_affinity", params.train_affinity.processes, argv, error=TrainAffinityError):
+            return f"trained by {params.train_affinity.processes} DDP processes"
         run(params.train_affinity, seed=params.seed, manifest=args.manifest, masks_path=args.masks,
             saliency_dir=args.saliency_dir or None, out_dir=args.out, state_dir=args.state_dir,
             timings=args.timings)

@@ -48,7 +48,7 @@ from core.paths import MANIFEST, SALIENCY_DIR, TRAIN_CLS_DIR, TRAIN_CLS_STATE
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import Step, TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, crop_window, sample_rng
+from core.training import DistContext, ResumableBatchSampler, crop_window, launch_processes, sample_rng
 from dataio.dataset import SegImages
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
@@ -431,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--saliency-dir": SALIENCY_DIR, "--out": TRAIN_CLS_DIR,
              "--state-dir": (TRAIN_CLS_STATE, "resume checkpoints (outside DVC outputs)")}
 
-    def body(args, params) -> None:
+    def body(args, params) -> str | None:
+        if launch_processes("train_cls", params.train_cls.processes, argv, error=TrainClsError):
+            return f"trained by {params.train_cls.processes} DDP processes"
         run(params.train_cls, seed=params.seed, manifest=args.manifest, saliency_dir=args.saliency_dir,
             out_dir=args.out, state_dir=args.state_dir, timings=args.timings)
 

@@ -45,7 +45,7 @@ from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, TRAIN_SEG_DIR, TRA
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
-from core.training import DistContext, ResumableBatchSampler, sample_rng
+from core.training import DistContext, ResumableBatchSampler, launch_processes, sample_rng
 from core.training import augment_pair as augment
 from dataio.dataset import SegImages
 from models.deeplab import DeepLab, build_deeplab, save_segmenter
@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
              "--out": TRAIN_SEG_DIR, "--state-dir": (TRAIN_SEG_STATE, "resume checkpoints (outside DVC outputs)"),
              "--metrics": (TRAIN_SEG_METRICS, "summary metrics ('' = none)")}
 
-    def body(args, params) -> None:
+    def body(args, params) -> str | None:
+        if launch_processes("train_seg", params.train_seg.processes, argv, error=TrainSegError):
+            return f"trained by {params.train_seg.processes} DDP processes"
         run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks, refined_path=args.refined,
             out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None, timings=args.timings)
 

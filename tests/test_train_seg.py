@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ColourBlocks, write_voc_dataset
+from conftest import ColourBlocks, StageProject, write_voc_dataset
 from torch.utils.data import DataLoader
 
 from artifacts.pseudo_masks import PngMasks, PseudoMaskWriter
@@ -277,35 +277,45 @@ def test_an_unreadable_checkpoint_is_an_error_naming_the_file(tmp_path):
         _train(tmp_path, "seg", tiny_cfg(), reader, h5)
     assert not (tmp_path / "seg" / "segmenter.pt").exists()
 
-_DDP_SCRIPT = """
-import json, sys
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from test_train_seg import tiny_cfg
-from dataio.voc import VOCDataset
-from tasks.train_seg import run
-root = Path({root!r})
-summary = run(tiny_cfg(iterations=2), seed=3, reader=VOCDataset(root, labels=root / "cls_labels.npy"),
-              masks_path={h5!r}, out_dir={out!r}, state_dir={state!r}, metrics_path=None,
-              manifest=root / "none.json", progress=False)
-if summary:
-    print("SUMMARY", json.dumps(summary["perf"]))
-"""
-
-
-def test_torchrun_two_processes_ddp_on_cpu(tmp_path):
-    reader = make_dataset(tmp_path / "voc")
-    h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT.format(tests=str(REPO / "tests"), root=str(tmp_path / "voc"), h5=str(h5),
-                                         out=str(tmp_path / "out"), state=str(tmp_path / "state")))
+def _stage_run(project: StageProject, *launcher: str, out: str) -> subprocess.CompletedProcess:
+    module, args = project.command("train_seg")
+    args = [*args, "--out", out, "--state-dir", f"{out}_state", "--metrics", "", "--timings", f"{out}.json"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    perf = json.loads(proc.stdout.split("SUMMARY", 1)[1].strip().splitlines()[0])
-    assert perf["processes"] == 2
-    assert load_segmenter(tmp_path / "out" / "segmenter.pt")[1]["num_classes"] == 3
+    return subprocess.run([sys.executable, *launcher, "-m", module, *args], cwd=project.root, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_stage_starts_its_ddp_processes_and_equals_a_hand_typed_torchrun(make_voc, tmp_path):
+    # train_seg.processes: 2 -> `python -m tasks.train_seg` (what dvc.yaml runs) starts 2 gloo workers
+    # itself; the weights equal those of the same stage under a hand-typed torchrun (a multi-node run's
+    # form, where the stage does not start workers of its own)
+    project = StageProject(tmp_path / "project", make_voc(n_train=4, n_val=2))
+    project.set_params("train_seg", mask_source="ground_truth", pretrained=False, iterations=2, batch_size=4,
+                       crop_size=32, output_stride=16, aspp_rates=[1, 2], threads=1, workers=0, processes=2,
+                       checkpoint_every=1, device="cpu")
+    by_stage = _stage_run(project, out="by_stage")
+    assert by_stage.returncode == 0, by_stage.stderr[-3000:]
+    assert "starting 2 DDP processes" in by_stage.stderr
+    assert "trained by 2 DDP processes" in by_stage.stdout
+    assert json.loads((project.root / "by_stage.json").read_text())["perf"]["processes"] == 2
+    by_hand = _stage_run(project, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", out="by_hand")
+    assert by_hand.returncode == 0, by_hand.stderr[-3000:]
+    assert "starting" not in by_hand.stderr
+    (a, meta), (b, _) = (load_segmenter(project.root / d / "segmenter.pt") for d in ("by_stage", "by_hand"))
+    assert meta["num_classes"] == 3
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_failing_ddp_worker_fails_the_stage_with_a_message(make_voc, tmp_path):
+    project = StageProject(tmp_path / "project", make_voc(n_train=4, n_val=2))
+    # 4 images cannot fill a global batch of 3 split over 2 processes: every worker stops with an error
+    project.set_params("train_seg", mask_source="ground_truth", pretrained=False, iterations=1, batch_size=3,
+                       crop_size=32, threads=1, workers=0, processes=2, device="cpu")
+    proc = _stage_run(project, out="failed")
+    assert proc.returncode == 2
+    assert "DDP processes of train_seg failed" in proc.stderr and "train_seg.processes: 1" in proc.stderr
+    assert not (project.root / "failed" / "segmenter.pt").exists()
 
 
 # --------------------------------------------------------------------------- prediction
