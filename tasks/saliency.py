@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +44,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from artifacts.saliency_maps import (
+    FINGERPRINT_FILE,
     SaliencyMapError,
     map_histograms,
+    partial_fingerprint,
+    prepare_partial,
     read_map_u8,
     saliency_path,
     saliency_scores,
@@ -59,10 +61,10 @@ from core.config import SaliencyConfig
 from core.hashing import file_sha256
 from core.parallel import parallel_map
 from core.paths import MANIFEST, SALIENCY_DIR, SALIENCY_METRICS
+from core.shards import adopt_shards, shard_arg, shard_dir, shard_items
 from core.sizing import sized
 from core.stage_cli import stage_main
 
-FINGERPRINT_FILE = ".fingerprint.json"
 FINGERPRINT_FORMAT = 1
 _MAX_SHOWN = 20
 
@@ -380,29 +382,6 @@ def fingerprint(spec: BackendSpec, dataset, ids: Sequence[str]) -> dict:
     return {"format": FINGERPRINT_FORMAT, **spec.result_fields(), "images": len(ids), "images_sha256": h.hexdigest()}
 
 
-def prepare_partial(partial: Path, print_fn: Callable[[str], None], fp: dict) -> int:
-    """Make ``partial`` hold only maps made under ``fp``; return how many it already holds."""
-    fp_path = partial / FINGERPRINT_FILE
-    if partial.is_dir():
-        try:
-            old = json.loads(fp_path.read_text())
-        except (OSError, ValueError):
-            old = None
-        if old == fp:
-            for leftover in partial.rglob(".*.tmp-*"):  # temp files of a killed run
-                leftover.unlink(missing_ok=True)
-            done = sum(1 for _ in partial.rglob("*.png"))
-            print_fn(f"saliency: resuming {partial}: {done} maps kept from an interrupted run with the same config")
-            return done
-        print_fn(f"saliency: discarding {partial}: left by a run with another config or inputs")
-        shutil.rmtree(partial)
-    elif partial.exists():
-        partial.unlink()
-    partial.mkdir(parents=True)
-    write_text_atomic(fp_path, json.dumps(fp, indent=2, sort_keys=True) + "\n")
-    return 0
-
-
 # --------------------------------------------------------------------------- per image (in workers)
 
 
@@ -511,11 +490,13 @@ class RunSummary:
 def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
         metrics_path: str | Path | None = SALIENCY_METRICS, *, project_dir: str | Path = ".",
         state_dir: str | Path = isnet_model.STATE_DIR, progress: bool = True,
-        print_fn: Callable[[str], None] = print) -> RunSummary:
+        print_fn: Callable[[str], None] = print, shard: tuple[int, int] | None = None) -> RunSummary | None:
     """The stage: check inputs, compute the maps (resuming an interrupted run), score, publish.
 
     ``out_dir`` appears (replacing an older one) only when every map is written; the metrics
     file is written after it. A kill leaves ``<out_dir>.partial`` for the next run to resume.
+    ``shard=(K, N)``: compute only shard K's maps into its own folder and stop (:mod:`core.shards`);
+    the next run without ``shard`` adopts them.
     """
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
@@ -534,7 +515,13 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
     scored = frozenset(i for s, v in per_split.items() if dataset.has_masks(s) for i in v)
 
     fp = fingerprint(spec, dataset, ids)
+    if shard is not None:
+        return _run_shard(spec, dataset, partial, sizes, fp, shard_items(ids, shard), shard, cfg.workers, progress,
+                          print_fn)
     prepare_partial(partial, print_fn, fp)
+    adopted = adopt_shards(partial, lambda d: partial_fingerprint(d) == fp, "*.png")
+    if adopted:
+        print_fn(f"saliency: {adopted} maps taken from shards run elsewhere (core.shards)")
     ctx = _WorkerContext(spec, dataset, partial, sizes, scored)
     start = time.perf_counter()
     results = compute_maps(ctx, ids, cfg.workers, progress=progress)
@@ -567,9 +554,23 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
     return summary
 
 
+def _run_shard(spec: BackendSpec, dataset, partial: Path, sizes: dict, fp: dict, ids: list[str],
+               shard: tuple[int, int], workers: int, progress: bool, print_fn: Callable[[str], None]) -> None:
+    """Shard K of N: its maps into its own folder (resuming a killed shard), nothing published."""
+    folder = shard_dir(partial, shard)
+    prepare_partial(folder, print_fn, fp)
+    start = time.perf_counter()
+    results = compute_maps(_WorkerContext(spec, dataset, folder, sizes, frozenset()), ids, workers, progress=progress)
+    computed = sum(r.computed for r in results.values())
+    print_fn(f"saliency: shard {shard[0]}/{shard[1]}: {len(ids)} maps in {folder} ({computed} computed in "
+             f"{time.perf_counter() - start:.1f} s); the stage's next run without --shard merges the shards")
+
+
 def main(argv: list[str] | None = None) -> int:
     def arguments(ap):
         ap.add_argument("--no-progress", action="store_true")
+        ap.add_argument("--shard", type=shard_arg, default=None, metavar="K/N",
+                        help="compute only shard K of N into its own folder, publish nothing (core.shards)")
 
     paths = {"--manifest": (MANIFEST, "dataset manifest from prepare"), "--out": SALIENCY_DIR,
              "--metrics": SALIENCY_METRICS}
@@ -577,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     def body(args, params) -> None:
         from dataio.manifest import open_dataset
 
-        run(params.saliency, open_dataset(args.manifest), args.out, args.metrics, progress=not args.no_progress)
+        run(params.saliency, open_dataset(args.manifest), args.out, args.metrics, progress=not args.no_progress,
+            shard=args.shard)
 
     return stage_main("saliency", __doc__, argv, paths, body, add_arguments=arguments)
 

@@ -60,7 +60,7 @@ def test_known_argmax_absent_class_and_normalisation():
     # cam model, C = 3: map k = 5 * colour channel k
     img = _stripes([(1, 0, 0), (0, 1, 0), (0, 0, 0)])
     labels = np.array([1, 1, 0], np.float32)            # blue (class 2) is not in the image's labels
-    cfg = InferCamConfig(scales=[0.5, 1.0, 1.5, 2.0], flip=True)
+    cfg = InferCamConfig(scales=[0.5, 1.0, 1.5, 2.0], flip=True, precision="fp32")   # the authors' arithmetic
     rec = infer_images(ColourMaps(5 * np.eye(3)).eval(), "cam", [img], [labels], cfg, CPU)[0]
     assert rec.classes.tolist() == [0, 1] and rec.cams.shape == (2, 32, 72) and rec.bg is None
     assert rec.cams.max(axis=(1, 2)) == pytest.approx([1.0, 1.0], abs=1e-4)
@@ -76,8 +76,8 @@ def test_known_argmax_absent_class_and_normalisation():
 def test_flip_views_are_flipped_back():
     img = _stripes([(1, 0, 0), (0, 1, 0), (0, 0, 1)])
     labels = np.array([1, 0, 0], np.float32)
-    plain = InferCamConfig(scales=[1.0, 2.0], flip=False)
-    flip = InferCamConfig(scales=[1.0, 2.0], flip=True)
+    plain = InferCamConfig(scales=[1.0, 2.0], flip=False, precision="fp32")
+    flip = InferCamConfig(scales=[1.0, 2.0], flip=True, precision="fp32")
     # a flip-equivariant model: adding the flipped-back mirror view changes nothing
     m = ColourMaps(4 * np.eye(3)).eval()
     a = infer_images(m, "cam", [img], [labels], plain, CPU)[0]

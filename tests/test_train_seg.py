@@ -366,8 +366,8 @@ def test_prediction_resumes_and_rejects_a_segmenter_of_other_classes(tmp_path):
     reader = make_dataset(tmp_path / "voc", n_val=3)
     h5 = write_pseudo_masks(tmp_path / "pm.h5", reader)
     _train(tmp_path, "seg", tiny_cfg(iterations=1), reader, h5)
-    cfg = build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0},
-                "predict_seg")
+    cfg = build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0,
+                                   "precision": "fp32"}, "predict_seg")   # compared with predict_probs in fp32
     seg = tmp_path / "seg" / "segmenter.pt"
     # a previous run was killed after one image: its mask is kept, the rest is predicted
     _, meta = load_segmenter(seg)
@@ -419,7 +419,8 @@ def test_segmenter_learns_the_colour_blocks_well_above_all_background(learned):
 
 
 def _predict_cfg(**over) -> PredictSegConfig:
-    return build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0, **over},
+    return build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0,
+                                    "precision": "fp32", **over},   # compared with predict_probs in fp32
                  "predict_seg")
 
 
