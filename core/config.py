@@ -333,12 +333,15 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency", "joint"),
+    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency", "saliency_floor",
+                                                "joint"),
                            doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
                                "background probability (eps models only); saliency = 1 - the saliency map at "
-                               "image size; joint = 1 - sqrt(saliency x (1 - bgmap)) (eps models only); "
-                               "auto = bgmap when the CAMs carry one, else threshold")
-    bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode (authors: 0.20)")
+                               "image size; saliency_floor = max(1 - saliency, bg_threshold); joint = 1 - "
+                               "sqrt(saliency x (1 - bgmap)) (eps models only); auto = bgmap when the CAMs "
+                               "carry one, else threshold")
+    bg_threshold: float = knob(0.20, range=(0.0, 1.0), doc="background score in threshold mode, the floor in "
+                                                           "saliency_floor (authors: 0.20)")
     crf: bool = knob(False, doc="refine with a dense CRF (pydensecrf)")
     crf_preset: str = knob("paper", choices=("paper", "psa", "custom"),
                            doc="paper = bilateral w4 xy67 rgb3, gaussian w3 xy1, 10 it.; psa = w10 xy80 rgb13, "

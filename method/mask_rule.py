@@ -7,6 +7,9 @@ import numpy as np
 
 from artifacts.cams import CamRecord, PseudoMaskError
 
+# background rules that read the image's saliency map
+SALIENCY_MODES = ("saliency", "saliency_floor", "joint")
+
 
 def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
                 saliency: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -16,9 +19,11 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
     (psa/EPS ``--thr``); ``"bgmap"``: it is the model's background probability map;
     ``"saliency"``: ``1 - saliency`` (``(H, W)`` in [0, 1]), the pixel-level saliency the
     classifier was trained on, so a class wins where it is salient and its normalised CAM beats
-    the non-saliency; ``"joint"``: ``1 - sqrt(saliency * (1 - bg))``, one minus the geometric mean
-    of the two foreground probabilities, the saliency detector's (sharp, but wrong where it is
-    wrong in one image) and the EPS model's (coarse, but learnt over every image, so an error the
+    the non-saliency; ``"saliency_floor"``: ``max(1 - saliency, bg_threshold)``, so a class takes a
+    pixel only where it is salient *and* its normalised CAM beats the authors' constant (a salient
+    pixel that every class map finds weak stays background); ``"joint"``: ``1 - sqrt(saliency * (1 -
+    bg))``, one minus the geometric mean of the two foreground probabilities, the saliency detector's
+    (sharp, but wrong where it is wrong in one image) and the EPS model's (coarse, but learnt over every image, so an error the
     detector makes in some images only is outvoted); ``"auto"``: bgmap when the record has one,
     else threshold.
     """
@@ -32,7 +37,7 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
             raise PseudoMaskError("background = bgmap needs the background map of an eps model; "
                                   "these CAMs come from a model without one (use threshold)")
         bg = rec.bg[None].astype(np.float32)
-    elif background in ("saliency", "joint"):
+    elif background in SALIENCY_MODES:
         if saliency is None:
             raise PseudoMaskError(f"background = {background} needs the image's saliency map")
         if saliency.shape != (h, w):
@@ -45,9 +50,11 @@ def mask_scores(rec: CamRecord, background: str, bg_threshold: float,
                                       "come from a model without one (use saliency)")
             fg = np.sqrt(fg * (1.0 - np.clip(rec.bg.astype(np.float32), 0.0, 1.0)))
         bg = (1.0 - fg)[None]
+        if background == "saliency_floor":
+            bg = np.maximum(bg, np.float32(bg_threshold))
     else:
-        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap, saliency "
-                              "or joint)")
+        raise PseudoMaskError(f"unknown background mode {background!r} (auto, threshold, bgmap, saliency, "
+                              "saliency_floor or joint)")
     scores = np.concatenate([bg, rec.cams.astype(np.float32)], axis=0)
     values = np.concatenate([[0], np.asarray(rec.classes, dtype=np.int64) + 1])
     return scores, values

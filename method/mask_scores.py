@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.cams import CamRecord, PseudoMaskError
-from method.mask_rule import mask_scores
-
-SALIENCY_RULES = ("saliency", "joint")
+from method.mask_rule import SALIENCY_MODES, mask_scores
 
 
 class MaskScores:
@@ -37,7 +35,7 @@ class MaskScores:
             self.class_names = list(pm.class_names)
         self.background = str(attrs.get("background"))
         self.bg_threshold = float(attrs.get("bg_threshold", 0.2))
-        if self.background in SALIENCY_RULES and (self.saliency_dir is None or not self.saliency_dir.is_dir()):
+        if self.background in SALIENCY_MODES and (self.saliency_dir is None or not self.saliency_dir.is_dir()):
             raise PseudoMaskError(f"{self.h5_path} was exported with background: {self.background}, which needs the "
                                   f"saliency maps, but the folder {self.saliency_dir} does not exist; run the "
                                   f"saliency stage")
@@ -60,7 +58,7 @@ class MaskScores:
     def scores(self, image_id: str) -> tuple[np.ndarray, np.ndarray, CamRecord]:
         rec = self.record(image_id)
         saliency = None
-        if self.background in SALIENCY_RULES:
+        if self.background in SALIENCY_MODES:
             from artifacts.saliency_maps import load_saliency
             saliency = load_saliency(self.saliency_dir, image_id, tuple(rec.size))
         scores, values = mask_scores(rec, self.background, self.bg_threshold, saliency)

@@ -33,7 +33,7 @@ from core.paths import CAMS_DIR, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
-from method.mask_rule import argmax_mask, mask_scores
+from method.mask_rule import SALIENCY_MODES, argmax_mask, mask_scores
 
 
 class ExportMasksError(ValueError):
@@ -90,7 +90,7 @@ def _process(image_id: str) -> tuple:
     if cfg.crf:
         image = _dataset().load_image(image_id)
     saliency = None
-    if cfg.background in ("saliency", "joint"):
+    if cfg.background in SALIENCY_MODES:
         from artifacts.saliency_maps import load_saliency
         saliency = load_saliency(_WORKER["saliency_dir"], image_id, tuple(rec.size))
     try:
@@ -135,7 +135,7 @@ def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
     if missing:
         raise ExportMasksError(f"{len(missing)} CAM file(s) listed in {cams_dir}/meta.json are missing, e.g. "
                                f"{cam_path(cams_dir, missing[0])}; rerun infer_cam")
-    if cfg.background in ("saliency", "joint"):
+    if cfg.background in SALIENCY_MODES:
         from artifacts.saliency_maps import saliency_path
         if saliency_dir is None or not Path(saliency_dir).is_dir():
             raise ExportMasksError(f"params key 'export_masks.background' is {cfg.background} but the saliency folder "

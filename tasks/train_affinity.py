@@ -45,7 +45,7 @@ from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, augment_pair, launch_processes, sample_rng
 from dataio.dataset import SegImages
 from method.mask_rule import sure_labels
-from method.mask_scores import SALIENCY_RULES, MaskScores
+from method.mask_scores import SALIENCY_MODES, MaskScores
 from models.affinity import (
     IGNORE,
     AffinityNet,
@@ -132,7 +132,7 @@ def check_inputs(cfg: TrainAffinityConfig, reader: SegImages, masks_path: Path, 
     if manifest is not None and Path(manifest).is_file():
         h.update(Path(manifest).read_bytes())
     h.update(file_sha256(masks_path).encode())
-    if scores.background in SALIENCY_RULES:
+    if scores.background in SALIENCY_MODES:
         from artifacts.saliency_maps import saliency_path
         for image_id in train_ids:
             path = saliency_path(saliency_dir, image_id)

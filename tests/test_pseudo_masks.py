@@ -266,6 +266,23 @@ def test_joint_background_by_hand():
         mask_scores(rec, "joint", 0.2)
 
 
+def test_saliency_floor_background_by_hand():
+    from method.mask_rule import argmax_mask, mask_scores
+    # one present class (1) on a 1x4 strip: saliency 1, 1, 0.9, 0.1 -> 1 - s = 0, 0, 0.1, 0.9; floored at
+    # 0.2 -> 0.2, 0.2, 0.2, 0.9. The class's normalised CAM 0.15, 0.6, 0.3, 0.95: pixel 0 is salient but
+    # its class map is weak (a detector's false positive) and stays background; plain saliency gives it away
+    cams = np.array([[[0.15, 0.6, 0.3, 0.95]]], np.float32)
+    rec = CamRecord(cams, np.array([1]), None, (1, 4))
+    sal = np.array([[1.0, 1.0, 0.9, 0.1]], np.float32)
+    scores, values = mask_scores(rec, "saliency_floor", 0.2, sal)
+    np.testing.assert_allclose(scores[0], [[0.2, 0.2, 0.2, 0.9]], atol=1e-6)
+    assert argmax_mask(scores, values).tolist() == [[0, 2, 2, 2]]
+    assert argmax_mask(*mask_scores(rec, "saliency", 0.2, sal)).tolist() == [[2, 2, 2, 2]]
+    assert argmax_mask(*mask_scores(rec, "saliency_floor", 0.0, sal)).tolist() == [[2, 2, 2, 2]]   # floor 0 = saliency
+    with pytest.raises(PseudoMaskError, match="saliency map"):
+        mask_scores(rec, "saliency_floor", 0.2)
+
+
 def test_export_with_saliency_background(tmp_path):
     from artifacts.cams import read_cam_file
     from artifacts.saliency_maps import load_saliency, write_map_atomic
