@@ -9,13 +9,14 @@ the outputs are those of a one-machine run, byte for byte.
 The cluster: ``dask_address`` (``tcp://scheduler:8786``) of a running Dask scheduler whose workers
 see the project at the same path (a shared file system) with its environment installed; empty = a
 ``LocalCluster`` of N single-threaded worker processes on this machine, each shard pinned to its
-share of the cores.
+share of the cores (``taskset``, where installed).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,10 @@ def stage_shard(stage: str, repo: str, shard: int, shards: int, pin_cores: bool)
     root = Path(repo)
     cmd = shard_command(root, stage, shard, shards)
     cores = _cores_of(shard, shards) if pin_cores else None
-    logger.info("%s%s", " ".join(cmd[1:]), f" on cores {sorted(cores)}" if cores else "")
-    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    if cores and shutil.which("taskset"):   # not preexec_fn: unsafe in a Dask worker's threads
+        cmd = ["taskset", "-c", ",".join(map(str, sorted(cores))), *cmd]
+    logger.info("%s", " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(), capture_output=True, text=True)
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
     for line in lines[-20:]:
         logger.info("%s", line)
