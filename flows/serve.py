@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         description="The EPS pipeline through DVC: a stage, its downstream, or everything; "
                     "params overrides run as a DVC experiment.")
     stage_choice(deployment, stages)
+    describe_shards(deployment)
     from prefect import serve
 
     serve(deployment)
@@ -52,6 +53,16 @@ def stage_choice(deployment, stages: list[str]) -> None:
     schema.properties["stage"] = {"title": "stage", "position": schema.properties["stage"].get("position", 0),
                                   "description": "the DVC stage to run (with downstream: and what follows it)",
                                   "type": "string", "enum": [ALL_STAGES, *stages], "default": ALL_STAGES}
+
+
+
+def describe_shards(deployment) -> None:
+    """The run form's ``shards`` (at least 1) and ``dask_address``, with what they do."""
+    props = deployment._parameter_openapi_schema.properties   # noqa: SLF001 - as in stage_choice
+    props["shards"].update(minimum=1, description="compute saliency / infer_cam in this many shards on a Dask "
+                                                  "cluster first (1 = no shards; README, Speed and scale)")
+    props["dask_address"].update(description="with shards > 1: a running Dask scheduler (tcp://host:8786); "
+                                             "empty = a LocalCluster of `shards` workers on this machine")
 
 
 if __name__ == "__main__":

@@ -352,6 +352,7 @@ def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_b
         schema = client.read_deployment_by_name("dvc-pipeline/toy").parameter_openapi_schema
     assert schema["properties"]["stage"]["enum"] == ["all", "a", "b", "report"]
     assert schema["properties"]["stage"]["default"] == "all"
+    assert schema["properties"]["shards"]["minimum"] == 1 and "Dask" in schema["properties"]["shards"]["description"]
     run = run_deployment("dvc-pipeline/toy", parameters={"params": {"a.value": 7}, "experiment": "seven"},
                          timeout=600)
     assert run.state.is_completed(), run.state
@@ -363,6 +364,8 @@ def test_the_served_deployment_runs_an_override_as_an_experiment_and_refuses_a_b
     before = _snapshot(served)
     with pytest.raises(Exception, match="nope"):     # not a stage of the served repo: refused, no run
         run_deployment("dvc-pipeline/toy", parameters={"stage": "nope"}, timeout=600)
+    with pytest.raises(Exception, match="minimum"):  # 0 shards: refused, no run
+        run_deployment("dvc-pipeline/toy", parameters={"shards": 0}, timeout=600)
     bad = run_deployment("dvc-pipeline/toy", parameters={"params": {"b.fial": True}}, timeout=600)
     assert bad.state.is_failed() and _snapshot(served) == before
     assert any("b.fial" in line for line in _logs(bad.state))
