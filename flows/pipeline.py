@@ -177,6 +177,9 @@ def dvc_pipeline(stage: str | None = None, downstream: bool = False, force: bool
             logger.error("bad params override, nothing ran: %s", e)
             raise
         _add_run_tags(run_tags(root / "params.yaml", params), logger)
+        if shards > 1:
+            logger.warning("shards=%d is not used: an experiment runs in DVC's temporary copy of the project, "
+                           "where its stages run unsharded", shards)
         exp = dvc_experiment(str(root), dict(params), plan, experiment, [stage] if stage else [], downstream,
                              force)
         _add_run_tags([f"exp:{exp.name}"], logger)
