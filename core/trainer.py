@@ -53,19 +53,23 @@ class LoopParams(Protocol):
 
 @contextlib.contextmanager
 def training_process(device: str, threads: int, *, key: str, error: type[Exception]) -> Iterator[DistContext]:
-    """This process's place among the DDP processes, with torch threads and deterministic algorithms
-    set for the run and restored (and a process group this call started destroyed) afterwards."""
+    """This process's place among the DDP processes, with torch threads, deterministic algorithms and
+    (on CUDA) cuDNN autotuning set for the run and restored (and a process group this call started destroyed) afterwards."""
     dctx = setup_distributed(device, key=key, error=error)
     threads_before = torch.get_num_threads()
     deterministic_before = torch.are_deterministic_algorithms_enabled()
+    benchmark_before = torch.backends.cudnn.benchmark
     try:
         torch.set_num_threads(threads or default_threads(dctx.local_world_size))
         # CPU kernels are deterministic; on CUDA a few are not and only warn
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # fixed-size crops: cuDNN times its (deterministic) convolution algorithms once per shape
+        torch.backends.cudnn.benchmark = dctx.device.type == "cuda"
         yield dctx
     finally:
         torch.set_num_threads(threads_before)
         torch.use_deterministic_algorithms(deterministic_before)
+        torch.backends.cudnn.benchmark = benchmark_before
         if dctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

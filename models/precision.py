@@ -4,7 +4,8 @@ Both change the arithmetic, not the network: bfloat16 keeps float32's range with
 so class maps move by about 1e-2 of their peak; channels-last only reorders memory (the convolutions
 pick other kernels, outputs differ by float32 rounding). On a CPU with AVX-512 BF16 or AMX, and on
 GPUs, both are much faster (``bench/bench_precision.py`` prints the ratios and the mask-mIoU change).
-The stage params ``precision`` and ``channels_last`` (infer_cam, predict_seg, refine_masks) choose them;
+The stage params ``precision`` and ``channels_last`` (infer_cam, predict_seg, refine_masks, and the
+trainers' forward pass: :func:`training_precision`) choose them;
 ``precision: auto`` is bf16 where the device has bfloat16 arithmetic (a CPU with AVX512-BF16 or AMX, a
 GPU that supports it) and fp32 elsewhere, where emulated bf16 would be slower; the stage records
 the precision it used. Outputs are always returned as float32.
@@ -17,8 +18,9 @@ from typing import Iterator
 
 import torch
 
+from core.config import AUTO
+
 PRECISIONS = ("fp32", "bf16")
-AUTO = "auto"
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -45,6 +47,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto or one of {PRECISIONS}, got {precision!r}")
     return precision
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """A trainer's ``precision``: ``auto`` -> ``bf16`` on a GPU with bfloat16 arithmetic, ``fp32``
+    elsewhere (on a CPU, even one with AVX512-BF16, a bf16 training step gains little:
+    ``bench/bench_precision.py``); explicit values stay."""
+    if precision == AUTO:
+        return "bf16" if device.type == "cuda" and has_fast_bf16(device) else "fp32"
+    return resolve_precision(precision, device)
 
 
 def prepare_model(model: torch.nn.Module, channels_last: bool) -> torch.nn.Module:

@@ -44,8 +44,8 @@ from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, augment_pair, launch_processes, sample_rng
 from dataio.dataset import SegImages
-from method.mask_rule import sure_labels
-from method.mask_scores import SALIENCY_MODES, MaskScores
+from method.mask_rule import SALIENCY_MODES, sure_labels
+from method.mask_scores import MaskScores
 from models.affinity import (
     IGNORE,
     AffinityNet,
@@ -56,6 +56,7 @@ from models.affinity import (
     pair_offsets,
     save_affinity_net,
 )
+from models.precision import prepare_model, run_model, training_precision
 
 _STREAM = 20  # random-stream salt of this stage (core.training)
 CKPT_FORMAT = "eps-wsss-train-affinity-ckpt/1"  # core.trainer's layout
@@ -160,7 +161,7 @@ def _build_model(cfg: TrainAffinityConfig, seed: int, device: torch.device
                                pretrained=cfg.pretrained, weights_path=cfg.weights_path)
     if cfg.freeze_bn:
         model.freeze_batchnorm()
-    model.to(device)
+    prepare_model(model.to(device), cfg.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return model, optimizer
@@ -200,11 +201,13 @@ def _train(cfg: TrainAffinityConfig, seed: int, manifest: Path, masks_path: Path
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=dctx.device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
+    precision = training_precision(cfg.precision, dctx.device)
+
     def step(batch: dict, it: int) -> tuple[torch.Tensor, dict[str, float]]:
         torch.manual_seed(iteration_seed(seed, it, dctx.rank))  # drop-connect: a function of the iteration
         images = batch["image"].to(dctx.device, non_blocking=True)
         labels = batch["labels"].to(dctx.device, non_blocking=True)
-        aff = pair_affinities(net(images), offsets)
+        aff = pair_affinities(run_model(net, images, dctx.device, precision, cfg.channels_last), offsets)
         bg_pos, fg_pos, neg = affinity_labels(labels, offsets)
         loss, parts = affinity_loss(aff, bg_pos, fg_pos, neg)
         sure = (labels != IGNORE).float().mean().item()  # share of grid cells that teach (the margins' effect)

@@ -52,6 +52,7 @@ from core.training import DistContext, ResumableBatchSampler, crop_window, launc
 from dataio.dataset import SegImages
 from models.classifier import MapClassifier, build_classifier, save_classifier
 from models.losses import classification_loss, image_logits, saliency_loss
+from models.precision import prepare_model, run_model, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 _STREAM = 0  # random-stream salt of this stage (core.training)
@@ -316,7 +317,7 @@ def _build_model(cfg: TrainClsConfig, num_classes: int, seed: int,
         model.freeze_batchnorm()
     if cfg.freeze_stem:
         model.freeze_early_layers()
-    model.to(device)
+    prepare_model(model.to(device), cfg.channels_last)
     optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     return model, optimizer
@@ -326,6 +327,7 @@ def _loss_step(cfg: TrainClsConfig, net: torch.nn.Module, device: torch.device, 
                predefined: torch.Tensor | None, warn: bool) -> Step:
     """L_cls (+ L_sal for EPS) of one batch, and the values logged."""
     loss_size = (cfg.crop_size // cfg.loss_stride,) * 2 if cfg.loss_stride else None
+    precision = training_precision(cfg.precision, device)
     warned = not warn
 
     def step(batch: dict, it: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -334,7 +336,7 @@ def _loss_step(cfg: TrainClsConfig, net: torch.nn.Module, device: torch.device, 
         labels = batch["labels"].to(device, non_blocking=True)
         if labels.shape[1] != num_classes:
             raise TrainClsError(f"labels have {labels.shape[1]} entries, the dataset has {num_classes} classes")
-        maps = net(images)
+        maps = run_model(net, images, device, precision, cfg.channels_last)
         loss_cls = classification_loss(maps, labels)
         if cfg.method == "eps":
             sal = batch["saliency"].to(device, non_blocking=True)

@@ -10,7 +10,9 @@ metrics/plots in ``data/train_seg/live/``. Several processes: ``torchrun --nproc
 Training follows DeepLab-v2: SGD with momentum, poly learning rate, the head at ``head_lr_mult``
 times the backbone rate, random rescale (a factor in ``scale_range``), horizontal flip and a random
 ``crop_size`` crop padded with the mean colour (image) and 255 (mask). Pixels labelled 255 (padding,
-or pixels a pseudo-mask left undecided) are ignored by the cross-entropy. The HDF5 file is opened
+or pixels a pseudo-mask left undecided) are ignored by the cross-entropy; with ``conf_fg_margin`` /
+``conf_bg_margin`` (``mask_source: pseudo``) so are the pixels outside the pseudo-masks' sure regions,
+computed from the CAMs the file stores as ``train_affinity`` does (:func:`keep_sure`). The HDF5 file is opened
 lazily in each data-loader process (an h5py handle must not cross a fork).
 
 Resume (:mod:`core.trainer`). Every ``checkpoint_every`` iterations a checkpoint is written to
@@ -38,17 +40,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from artifacts.cams import PseudoMaskError
 from core import training
 from core.config import TrainSegConfig, result_params
 from core.hashing import file_sha256
-from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
+from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, SALIENCY_DIR, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, launch_processes, sample_rng
 from core.training import augment_pair as augment
 from dataio.dataset import SegImages
+from method.mask_rule import SALIENCY_MODES, sure_labels
+from method.mask_scores import MaskScores
 from models.deeplab import DeepLab, build_deeplab, save_segmenter
+from models.precision import prepare_model, run_model, training_precision
 
 REPO = Path(__file__).resolve().parents[1]
 IGNORE = 255
@@ -69,12 +75,14 @@ class MaskSource:
     Picklable and fork-safe: the HDF5 file is (re)opened lazily in whichever process reads it.
     """
 
-    def __init__(self, kind: str, reader: SegImages, h5_path: str | Path | None = None):
+    def __init__(self, kind: str, reader: SegImages, h5_path: str | Path | None = None,
+                 scores: MaskScores | None = None, margins: tuple[float, float] = (0.0, 0.0)):
         if kind not in ("pseudo", "refined", "ground_truth"):
             raise TrainSegError(f"params key 'train_seg.mask_source' = {kind!r} is not pseudo, refined or "
                                 f"ground_truth")
         self.kind, self.reader = kind, reader
         self.h5_path = Path(h5_path) if h5_path is not None else None
+        self.scores, self.margins = scores, margins
         self._h5 = None
         self._pid = None
 
@@ -93,6 +101,9 @@ class MaskSource:
     def load(self, image_id: str) -> np.ndarray:
         if self.kind != "ground_truth":
             mask = self._file().mask(image_id)
+            if self.scores is not None:
+                scores, values, _ = self.scores.scores(image_id)
+                mask = keep_sure(np.asarray(mask), scores, values, *self.margins)
         else:
             mask = self.reader.load_mask(image_id)
             if mask is None:
@@ -104,11 +115,33 @@ class MaskSource:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = None
+        if self.scores is not None:
+            self.scores.close()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_h5"], state["_pid"] = None, None
         return state
+
+
+def keep_sure(mask: np.ndarray, scores: np.ndarray, values: np.ndarray, fg_margin: float,
+              bg_margin: float) -> np.ndarray:
+    """The exported mask with :data:`IGNORE` wherever the pixel is not sure (:func:`method.mask_rule.sure_labels`:
+    its class wins by less than ``fg_margin``, or the background by less than ``bg_margin``) or where the
+    sure label is not the exported one (a CRF moved it): a segmenter learns less noise from fewer pixels."""
+    sure = sure_labels(scores, values, fg_margin, bg_margin, IGNORE)
+    return np.where(sure == mask, mask, IGNORE).astype(np.uint8)
+
+
+def sure_scores(cfg: TrainSegConfig, masks_path: Path, saliency_dir: Path | None) -> MaskScores | None:
+    """The score source of ``train_seg.conf_*_margin`` (None: every exported pixel trains)."""
+    if cfg.mask_source != "pseudo" or (cfg.conf_fg_margin == 0 and cfg.conf_bg_margin == 0):
+        return None
+    try:
+        return MaskScores(masks_path, saliency_dir)
+    except PseudoMaskError as e:
+        raise TrainSegError(f"params keys 'train_seg.conf_fg_margin' / 'conf_bg_margin' ignore the unsure pixels of "
+                            f"the pseudo-masks, which needs their scores: {e}; or set both to 0") from None
 
 
 # --------------------------------------------------------------------------- data
@@ -211,7 +244,8 @@ def iteration_seed(seed: int, iteration: int, rank: int) -> int:
 
 
 def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
-                 manifest: Path | None = None, progress: bool = False) -> tuple[list[str], list[str], str]:
+                 manifest: Path | None = None, progress: bool = False,
+                 saliency_dir: Path | None = None) -> tuple[list[str], list[str], str]:
     """Everything that can be checked before training starts; returns train ids, val ids and
     the data fingerprint. Every training mask is read once: present, of its image's size, labels
     in ``0..C`` or 255. Errors name the file, id or params key."""
@@ -229,7 +263,16 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
     h = hashlib.sha256(json.dumps({"classes": names, "train": train_ids, "source": cfg.mask_source}).encode())
     if manifest is not None and Path(manifest).is_file():
         h.update(Path(manifest).read_bytes())
-    masks = MaskSource(cfg.mask_source, reader, masks_path)
+    scores = sure_scores(cfg, masks_path, saliency_dir)
+    masks = MaskSource(cfg.mask_source, reader, masks_path, scores, (cfg.conf_fg_margin, cfg.conf_bg_margin))
+    if scores is not None and scores.background in SALIENCY_MODES:
+        from artifacts.saliency_maps import saliency_path
+        for image_id in train_ids:  # the sure regions read them: part of the data
+            path = saliency_path(saliency_dir, image_id)
+            if not path.is_file():
+                raise TrainSegError(f"saliency map {path} is missing (train_seg.conf_*_margin read it); run the "
+                                    f"saliency stage on the train split")
+            h.update(path.read_bytes())
     if cfg.mask_source != "ground_truth":
         from artifacts.pseudo_masks import PseudoMasks
         with PseudoMasks(masks_path) as pm:
@@ -276,7 +319,7 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
 
 def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
         masks_path: str | Path = PSEUDO_MASKS, refined_path: str | Path = REFINED_MASKS,
-        out_dir: str | Path = TRAIN_SEG_DIR,
+        saliency_dir: str | Path | None = SALIENCY_DIR, out_dir: str | Path = TRAIN_SEG_DIR,
         state_dir: str | Path = TRAIN_SEG_STATE, metrics_path: str | Path | None = TRAIN_SEG_METRICS,
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
@@ -289,9 +332,9 @@ def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
     with training_process(cfg.device, cfg.threads, key="train_seg", error=TrainSegError) as dctx:
         if cfg.mask_source == "refined":
             masks_path = refined_path
-        return _train(cfg, seed, Path(manifest), Path(masks_path), Path(out_dir), Path(state_dir),
-                      Path(metrics_path) if metrics_path else None, reader, on_iteration, progress, dctx,
-                      timings)
+        return _train(cfg, seed, Path(manifest), Path(masks_path), Path(saliency_dir) if saliency_dir else None,
+                      Path(out_dir), Path(state_dir), Path(metrics_path) if metrics_path else None, reader,
+                      on_iteration, progress, dctx, timings)
 
 
 def _build_model(cfg: TrainSegConfig, num_classes: int, seed: int,
@@ -303,7 +346,7 @@ def _build_model(cfg: TrainSegConfig, num_classes: int, seed: int,
                           dropout=cfg.dropout, aspp_rates=cfg.aspp_rates)
     if cfg.freeze_bn:
         model.freeze_batchnorm()
-    model.to(device)
+    prepare_model(model.to(device), cfg.channels_last)
     optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.head_lr_mult, cfg.weight_decay),
                                 lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return model, optimizer
@@ -327,14 +370,15 @@ def _write_outputs(cfg: TrainSegConfig, seed: int, model: DeepLab, reader: SegIm
              "iterations": cfg.iterations, **results}, indent=2) + "\n")
 
 
-def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out_dir: Path,
-           state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
+def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, saliency_dir: Path | None,
+           out_dir: Path, state_dir: Path, metrics_path: Path | None, reader: SegImages | None, on_iteration,
            progress: bool, dctx: DistContext, timings: str | Path | None = None) -> dict:
     if reader is None:
         from dataio.manifest import open_dataset
         reader = open_dataset(manifest)
     cfg = sized(cfg, "train_seg", reader)
-    train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and dctx.rank == 0)
+    train_ids, val_ids, data_fp = check_inputs(cfg, reader, masks_path, manifest, progress and dctx.rank == 0,
+                                               saliency_dir)
     num_classes = reader.num_classes
     fingerprint = run_fingerprint(cfg, seed, dctx.world_size, data_fp)
     loop = TrainingLoop("train_seg", cfg, dctx, ckpt_format=CKPT_FORMAT, fingerprint=fingerprint,
@@ -342,7 +386,8 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
     model, optimizer = _build_model(cfg, num_classes, seed, dctx.device)
     net = loop.prepare(model, optimizer)
 
-    masks = MaskSource(cfg.mask_source, reader, masks_path)
+    masks = MaskSource(cfg.mask_source, reader, masks_path, sure_scores(cfg, masks_path, saliency_dir),
+                       (cfg.conf_fg_margin, cfg.conf_bg_margin))
     dataset = SegTrainSamples(reader, train_ids, masks, cfg.crop_size, tuple(cfg.scale_range), cfg.flip,
                               model.backbone.input_mean)
     sampler = ResumableBatchSampler(len(train_ids), cfg.batch_size, seed, loop.start, cfg.iterations,
@@ -351,11 +396,13 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
                         pin_memory=dctx.device.type == "cuda", worker_init_fn=_init_loader_worker,
                         generator=torch.Generator().manual_seed(seed))
 
+    precision = training_precision(cfg.precision, dctx.device)
+
     def step(batch: dict, it: int) -> tuple[torch.Tensor, dict[str, float]]:
         torch.manual_seed(iteration_seed(seed, it, dctx.rank))  # dropout: a function of the iteration
         images = batch["image"].to(dctx.device, non_blocking=True)
         target = batch["mask"].to(dctx.device, non_blocking=True)
-        loss = segmentation_loss(net(images), target)
+        loss = segmentation_loss(run_model(net, images, dctx.device, precision, cfg.channels_last), target)
         return loss, {"train/loss": loss.item()}
 
     def evaluate() -> tuple[dict[str, float] | None, float | None]:
@@ -384,6 +431,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, out
 def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file (mask_source: pseudo)"),
              "--refined": (REFINED_MASKS, "refined-mask HDF5 file (mask_source: refined)"),
+             "--saliency-dir": (SALIENCY_DIR, "saliency maps (conf_*_margin with a saliency background rule)"),
              "--out": TRAIN_SEG_DIR, "--state-dir": (TRAIN_SEG_STATE, "resume checkpoints (outside DVC outputs)"),
              "--metrics": (TRAIN_SEG_METRICS, "summary metrics ('' = none)")}
 
@@ -391,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         if launch_processes("train_seg", params.train_seg.processes, argv, error=TrainSegError):
             return f"trained by {params.train_seg.processes} DDP processes"
         run(params.train_seg, seed=params.seed, manifest=args.manifest, masks_path=args.masks, refined_path=args.refined,
-            out_dir=args.out, state_dir=args.state_dir, metrics_path=args.metrics or None, timings=args.timings)
+            saliency_dir=args.saliency_dir or None, out_dir=args.out, state_dir=args.state_dir,
+            metrics_path=args.metrics or None, timings=args.timings)
 
     return stage_main("train_seg", __doc__, argv, paths, body, timings=True)
 
