@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from models.classifier import build_classifier
         torch.manual_seed(0)
-        model = build_classifier(args.method, args.backbone, len(names), output_stride=16, pretrained=False).eval()
+        stride = 8 if args.backbone == "resnet38d" else 16   # resnet38d: stride 8 by design
+        model = build_classifier(args.method, args.backbone, len(names), output_stride=stride, pretrained=False).eval()
         meta = {"method": args.method, "backbone": args.backbone}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infer  batch_images={bi:<3d}: {len(imgs) / dt:7.2f} images/s  ({dt / len(imgs) * 1000:.1f} ms/image), "
               f"peak RSS {_peak_rss_mib():.0f} MiB{extra}")
     n = min(args.crf_images, len(imgs))
-    for preset, params in CRF_PRESETS.items():
+    for preset, params in CRF_PRESETS.items() if n else ():
         t0 = time.perf_counter()
         for img, rec in zip(imgs[:n], recs[:n]):
             scores, _ = mask_scores(rec, "threshold", 0.2)
