@@ -52,7 +52,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def training_precision(precision: str, device: torch.device) -> str:
     """A trainer's ``precision``: ``auto`` -> ``bf16`` on a GPU with bfloat16 arithmetic, ``fp32``
     elsewhere (on a CPU, even one with AVX512-BF16, a bf16 training step gains little:
-    ``bench/bench_precision.py``); explicit values stay."""
+    ``bench/bench_train_step.py``); explicit values stay."""
     if precision == AUTO:
         return "bf16" if device.type == "cuda" and has_fast_bf16(device) else "fp32"
     return resolve_precision(precision, device)
