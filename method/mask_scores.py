@@ -64,6 +64,20 @@ class MaskScores:
         scores, values = mask_scores(rec, self.background, self.bg_threshold, saliency)
         return scores, values, rec
 
+    def hash_saliency(self, ids, h, reader: str) -> None:
+        """Feed the saliency maps the scores of ``ids`` read (the saliency background rules) into hash ``h``:
+        they are part of the data of a stage that uses the scores. A missing map is an error naming it
+        and the stage (``reader``) that reads it."""
+        if self.background not in SALIENCY_MODES:
+            return
+        from artifacts.saliency_maps import saliency_path
+        for image_id in ids:
+            path = saliency_path(self.saliency_dir, image_id)
+            if not path.is_file():
+                raise PseudoMaskError(f"saliency map {path} is missing ({reader} reads it); run the saliency stage "
+                                      f"on the train split")
+            h.update(path.read_bytes())
+
     def close(self) -> None:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()

@@ -44,7 +44,7 @@ from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, augment_pair, launch_processes, sample_rng
 from dataio.dataset import SegImages
-from method.mask_rule import SALIENCY_MODES, sure_labels
+from method.mask_rule import sure_labels
 from method.mask_scores import MaskScores
 from models.affinity import (
     IGNORE,
@@ -133,13 +133,10 @@ def check_inputs(cfg: TrainAffinityConfig, reader: SegImages, masks_path: Path, 
     if manifest is not None and Path(manifest).is_file():
         h.update(Path(manifest).read_bytes())
     h.update(file_sha256(masks_path).encode())
-    if scores.background in SALIENCY_MODES:
-        from artifacts.saliency_maps import saliency_path
-        for image_id in train_ids:
-            path = saliency_path(saliency_dir, image_id)
-            if not path.is_file():
-                raise TrainAffinityError(f"saliency map {path} is missing; run the saliency stage on the train split")
-            h.update(path.read_bytes())
+    try:
+        scores.hash_saliency(train_ids, h, "train_affinity")
+    except PseudoMaskError as e:
+        raise TrainAffinityError(str(e)) from None
     return train_ids, scores, h.hexdigest()
 
 

@@ -51,7 +51,7 @@ from core.trainer import TrainingLoop, training_process
 from core.training import DistContext, ResumableBatchSampler, launch_processes, sample_rng
 from core.training import augment_pair as augment
 from dataio.dataset import SegImages
-from method.mask_rule import SALIENCY_MODES, sure_labels
+from method.mask_rule import sure_labels
 from method.mask_scores import MaskScores
 from models.deeplab import DeepLab, build_deeplab, save_segmenter
 from models.precision import prepare_model, run_model, training_precision
@@ -265,14 +265,11 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
         h.update(Path(manifest).read_bytes())
     scores = sure_scores(cfg, masks_path, saliency_dir)
     masks = MaskSource(cfg.mask_source, reader, masks_path, scores, (cfg.conf_fg_margin, cfg.conf_bg_margin))
-    if scores is not None and scores.background in SALIENCY_MODES:
-        from artifacts.saliency_maps import saliency_path
-        for image_id in train_ids:  # the sure regions read them: part of the data
-            path = saliency_path(saliency_dir, image_id)
-            if not path.is_file():
-                raise TrainSegError(f"saliency map {path} is missing (train_seg.conf_*_margin read it); run the "
-                                    f"saliency stage on the train split")
-            h.update(path.read_bytes())
+    if scores is not None:
+        try:
+            scores.hash_saliency(train_ids, h, "train_seg.conf_*_margin")
+        except PseudoMaskError as e:
+            raise TrainSegError(str(e)) from None
     if cfg.mask_source != "ground_truth":
         from artifacts.pseudo_masks import PseudoMasks
         with PseudoMasks(masks_path) as pm:

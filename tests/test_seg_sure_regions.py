@@ -65,3 +65,22 @@ def test_margins_make_the_unsure_pixels_ignored_and_need_the_scores(tmp_path):
     with pytest.raises(TrainSegError, match="conf_fg_margin.*pm.h5 holds no CAMs.*or set both to 0"):
         _train(tmp_path, "nocams", cfg, reader, write_pseudo_masks(tmp_path / "pm.h5", reader))
     assert not (tmp_path / "nocams").exists()
+
+
+def test_a_missing_saliency_map_is_named_before_training(tmp_path):
+    """With a saliency background rule the sure regions read the saliency maps: one missing is an error
+    naming the map, and nothing is written."""
+    from artifacts.saliency_maps import saliency_path, write_map_atomic
+
+    reader = make_dataset(tmp_path / "voc")
+    h5 = write_scored_masks(tmp_path / "scored.h5", reader)
+    import h5py
+    with h5py.File(h5, "r+") as f:
+        f.attrs["background"] = "saliency"
+    ids = reader.ids("train")
+    for image_id in ids[1:]:
+        write_map_atomic(saliency_path(tmp_path / "sal", image_id), np.full((32, 32), 255, np.uint8))
+    cfg = tiny_cfg(conf_fg_margin=0.1, conf_bg_margin=0.15, iterations=2)
+    with pytest.raises(TrainSegError, match=f"saliency map .*{ids[0]}.* is missing \\(train_seg.conf_\\*_margin"):
+        _train(tmp_path, "nosal", cfg, reader, h5, saliency_dir=tmp_path / "sal")
+    assert not (tmp_path / "nosal").exists()
