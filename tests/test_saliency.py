@@ -259,7 +259,7 @@ def test_killed_run_resumes_to_the_same_maps(tmp_path, make_voc, isnet_small):
     manifest = write_manifest(ds, tmp_path / "prepared" / "dataset.json", project_dir=tmp_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["saliency"].update(backend="isnet", isnet_variant="small", input_size=160, workers=1,
-                              threads_per_worker=1, device="cpu")
+                              threads_per_worker=1, device="cpu", splits=["train", "val"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out, partial = tmp_path / "saliency", tmp_path / "saliency.partial"
     cmd = [sys.executable, "-m", "tasks.saliency", "--params", str(tmp_path / "params.yaml"), "--manifest",
