@@ -18,16 +18,20 @@ Prints figures, asserts nothing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# before torch loads: the stages' OpenMP wait policy (tasks/__init__.py), so a step times as in a stage
+importlib.import_module("tasks")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from core.config import load_params  # noqa: E402
 from core.sizing import resolve  # noqa: E402
