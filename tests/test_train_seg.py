@@ -420,18 +420,43 @@ def test_segmenter_learns_the_colour_blocks_well_above_all_background(learned):
 
 
 def _predict_cfg(**over) -> PredictSegConfig:
+    """The network's own labels (``crf: false``; the default CRF has its own test), compared with
+    predict_probs in fp32."""
     return build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0,
-                                    "precision": "fp32", **over},   # compared with predict_probs in fp32
-                 "predict_seg")
+                                    "precision": "fp32", "crf": False, **over}, "predict_seg")
 
 
-def _direct_prediction(model, image, scales, flip) -> np.ndarray:
+def _direct_prediction(model, image, scales, flip, crf_params=None) -> np.ndarray:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # as the stage runs (threads: 1), so the same arithmetic
     try:
-        return predict_seg.label_map(predict_seg.predict_probs(model, image, scales, flip, torch.device("cpu")))
+        probs = predict_seg.predict_probs(model, image, scales, flip, torch.device("cpu"))
+        return predict_seg.label_map(probs, image, crf_params)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_predict_seg_default_refines_with_deeplabs_crf(learned, tmp_path):
+    """The default (``crf: true``, the paper's segmenter): each mask is the argmax of DeepLab's dense CRF
+    (the ``paper`` kernels) on the averaged probabilities, and the CRF moves some pixels."""
+    from method.crf import CRF_PRESETS
+
+    reader, seg, _ = learned
+    model, _ = load_segmenter(seg)
+    defaults = build(PredictSegConfig, {}, "predict_seg")
+    assert defaults.crf is True and defaults.crf_preset == "paper"
+    cfg = build(PredictSegConfig, {"scales": [1.0], "flip": False, "threads": 1, "report_images": 0,
+                                   "precision": "fp32"}, "predict_seg")
+    predict_seg.run(cfg, reader=reader, segmenter=seg, out_dir=tmp_path / "pred", state_dir=tmp_path / "state",
+                    progress=False)
+    preds = PngMasks(tmp_path / "pred" / "masks")
+    moved = 0
+    for image_id in reader.ids("val"):
+        image = reader.load_image(image_id)
+        expected = _direct_prediction(model, image, [1.0], False, CRF_PRESETS["paper"])
+        np.testing.assert_array_equal(preds.mask(image_id), expected)
+        moved += int((_direct_prediction(model, image, [1.0], False) != expected).sum())
+    assert moved > 0
 
 
 def test_predict_seg_writes_what_the_segmenter_predicts_at_the_configured_scales(learned, tmp_path):
