@@ -27,7 +27,7 @@ PROCESSES_DOC = "DDP processes the stage starts here (torchrun; gloo on CPU, ncc
 PRECISION_DOC = "auto (bf16 where the device has bf16 arithmetic, else fp32) | fp32 | bf16 (models/precision.py)"
 TRAIN_PRECISION_DOC = ("forward pass in auto (bf16 autocast on a GPU with bf16, fp32 on CPUs: a bf16 training step gains "
                        "little there) | fp32 | bf16; weights, gradients and losses stay float32")
-TRAIN_CHANNELS_LAST_DOC = "NHWC memory for the convolutions (CPU: 1.08-1.27x per step, README; effect on quality unmeasured)"
+TRAIN_CHANNELS_LAST_DOC = "NHWC memory for the convolutions (CPU: 1.09-1.23x per step, README; effect on quality unmeasured)"
 
 
 # --------------------------------------------------------------------------- sections
