@@ -8,7 +8,7 @@ default backbone's classifier (``data/train_cls/classifier.pt``), one batch, med
 after warm-up, in each mode: fp32, channels_last, bf16, bf16 + channels_last.
 
 Quality: ``infer_cam`` (params.yaml's scales and flip) on the first ``--limit`` train images, masks by
-``export_masks`` (params.yaml's rule, saliency from ``data/saliency``), mIoU against the ground truth;
+``export_masks`` (params.yaml's rule, saliency from ``data/saliency_rescued``), mIoU against the ground truth;
 ``predict_seg`` (``data/train_seg/segmenter.pt``) on the first ``--limit`` val images, mIoU;
 ``refine_masks`` (``data/train_affinity``'s AffinityNet walking ``data/pseudo_masks.h5``) on the train
 images, mIoU. Each mode's mIoU is printed with its change from fp32 and its images/s; a stage's
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from artifacts.saliency_maps import load_saliency  # noqa: E402
 from core.config import load_params  # noqa: E402
-from core.paths import CLASSIFIER, MANIFEST, SALIENCY_DIR, SEGMENTER  # noqa: E402
+from core.paths import CLASSIFIER, MANIFEST, RESCUED_SALIENCY_DIR, SEGMENTER  # noqa: E402
 from core.sizing import sized  # noqa: E402
 from method.metrics import SegEvaluator  # noqa: E402
 from models.classifier import build_classifier, load_classifier  # noqa: E402
@@ -81,7 +81,7 @@ def pseudo_mask_miou(params, ds, ids: list[str], model, meta, mode: str) -> tupl
         recs = infer_images(model, meta["method"], imgs, [ds.labels(i) for i in chunk], cfg, CPU)
         seconds += time.perf_counter() - t0
         for image_id, img, rec in zip(chunk, imgs, recs):
-            sal = load_saliency(REPO / SALIENCY_DIR, image_id, img.shape[:2])
+            sal = load_saliency(REPO / RESCUED_SALIENCY_DIR, image_id, img.shape[:2])
             ev.add(ds.load_mask(image_id), make_mask(rec, params.export_masks, img, sal), ds.load_context(image_id))
     prepare_model(model, False)
     return float(np.nanmean(ev.summary()["standard"]["iou"])), len(ids) / seconds
@@ -119,7 +119,7 @@ def refined_miou(params, ds, ids: list[str], mode: str) -> tuple[float, float]:
     cfg = dataclasses.replace(params.refine_masks, precision=precision, channels_last=cl)
     model, meta = load_affinity_net(REPO / AFFINITY_NET)
     prepare_model(model, cl)
-    scores = MaskScores(REPO / PSEUDO_MASKS, REPO / SALIENCY_DIR)
+    scores = MaskScores(REPO / PSEUDO_MASKS, REPO / RESCUED_SALIENCY_DIR)
     ev = SegEvaluator(ds.num_classes, ds.context_class)
     seconds = 0.0
     try:

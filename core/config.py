@@ -350,6 +350,18 @@ class ExportMasksConfig:
 
 
 @dataclass(frozen=True)
+class RescueSaliencyConfig:
+    """The detector run again on crops around the labelled objects it missed (stage ``rescue_saliency``)."""
+
+    enabled: bool = knob(True, doc="false = the masks use the detector's maps as they are (the paper)")
+    overlap: float = knob(0.1, range=(0.0, 1.0), doc="a present class is missed when at most this share of its "
+                                                      "confident region (normalised CAM > 0.5) is salient")
+    margin: float = knob(0.3, range=(0.0, 4.0), doc="the crop: the region's bounding box widened by this share "
+                                                    "of its height / width on each side")
+    workers: int = knob(2, range=(1, 256), doc="worker processes (1 = in the stage process)", operational=True)
+
+
+@dataclass(frozen=True)
 class TrainAffinityConfig:
     """AffinityNet (psa, Table 4's refinement) trained on the sure regions of the pseudo-masks."""
 
@@ -436,6 +448,7 @@ class Params:
     train_seg: TrainSegConfig = field(default_factory=TrainSegConfig)
     predict_seg: PredictSegConfig = field(default_factory=PredictSegConfig)
     infer_cam: InferCamConfig = field(default_factory=InferCamConfig)
+    rescue_saliency: RescueSaliencyConfig = field(default_factory=RescueSaliencyConfig)
     export_masks: ExportMasksConfig = field(default_factory=ExportMasksConfig)
     train_affinity: TrainAffinityConfig = field(default_factory=TrainAffinityConfig)
     refine_masks: RefineMasksConfig = field(default_factory=RefineMasksConfig)

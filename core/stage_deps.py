@@ -32,6 +32,7 @@ STAGES: dict[str, str] = {
     "saliency": "tasks.saliency",
     "train_cls": "tasks.train_cls",
     "infer_cam": "tasks.infer_cam",
+    "rescue_saliency": "tasks.rescue_saliency",
     "export_masks": "tasks.export_masks",
     "evaluate": "tasks.evaluate",
     "train_affinity": "tasks.train_affinity",

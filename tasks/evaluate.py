@@ -35,7 +35,15 @@ from artifacts.pseudo_masks import PseudoMasks, open_predictions
 from core.atomic import atomic_path, write_text_atomic
 from core.config import EvaluateConfig
 from core.parallel import parallel_map
-from core.paths import CAMS_DIR, EVAL_DIR, EVAL_PSEUDO_METRICS, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, THRESHOLD_SWEEP_PLOT
+from core.paths import (
+    CAMS_DIR,
+    EVAL_DIR,
+    EVAL_PSEUDO_METRICS,
+    MANIFEST,
+    PSEUDO_MASKS,
+    RESCUED_SALIENCY_DIR,
+    THRESHOLD_SWEEP_PLOT,
+)
 from core.stage_cli import stage_main
 from dataio.label_png import voc_palette
 from method.metrics import (
@@ -407,7 +415,7 @@ def _report_cams(cams_arg: str | None, preds):
 
 def run(cfg: EvaluateConfig, *, predictions: str | Path = PSEUDO_MASKS,
         manifest: str | Path = MANIFEST, cams_dir: str | Path | None = CAMS_DIR,
-        saliency_dir: str | Path | None = SALIENCY_DIR, out_dir: str | Path = EVAL_DIR,
+        saliency_dir: str | Path | None = RESCUED_SALIENCY_DIR, out_dir: str | Path = EVAL_DIR,
         metrics_path: str | Path = EVAL_PSEUDO_METRICS,
         plots_path: str | Path | None = THRESHOLD_SWEEP_PLOT,
         splits: Sequence[str] | None = None, progress: bool = True) -> dict:
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = {"--predictions": (PSEUDO_MASKS, "pseudo-mask/prediction HDF5 file, or a folder of <id>.png label maps"),
              "--manifest": MANIFEST, "--cams": (CAMS_DIR, "CAM folder for the sweep and report ('' = none)"),
-             "--saliency-dir": (SALIENCY_DIR, "saliency maps for the report ('' = none)"), "--out": EVAL_DIR,
+             "--saliency-dir": (RESCUED_SALIENCY_DIR, "saliency maps for the report ('' = none)"), "--out": EVAL_DIR,
              "--metrics": EVAL_PSEUDO_METRICS, "--plots": THRESHOLD_SWEEP_PLOT}
 
     def body(args, params) -> str:

@@ -29,7 +29,7 @@ from artifacts.pseudo_masks import PseudoMaskWriter
 from core.atomic import atomic_path
 from core.config import ExportMasksConfig, result_params
 from core.parallel import parallel_map
-from core.paths import CAMS_DIR, MANIFEST, PSEUDO_MASKS, SALIENCY_DIR
+from core.paths import CAMS_DIR, MANIFEST, PSEUDO_MASKS, RESCUED_SALIENCY_DIR
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from method.crf import CRF_PRESETS, CrfParams, crf_argmax
@@ -217,7 +217,7 @@ def export(cfg: ExportMasksConfig, cams_dir: str | Path, out_path: str | Path, *
 
 def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = CAMS_DIR,
         manifest: str | Path = MANIFEST, out_path: str | Path = PSEUDO_MASKS,
-        saliency_dir: str | Path = SALIENCY_DIR, timings: str | Path | None = None,
+        saliency_dir: str | Path = RESCUED_SALIENCY_DIR, timings: str | Path | None = None,
         progress: bool = True) -> dict:
     """The stage: check the inputs, then write ``out_path`` (timings to ``timings``: :mod:`core.timings`)."""
     dataset = None
@@ -232,7 +232,7 @@ def run(cfg: ExportMasksConfig, *, cams_dir: str | Path = CAMS_DIR,
 
 def main(argv: list[str] | None = None) -> int:
     paths = {"--cams": CAMS_DIR, "--manifest": MANIFEST, "--out": PSEUDO_MASKS,
-             "--saliency-dir": (SALIENCY_DIR, "saliency maps (background: saliency)")}
+             "--saliency-dir": (RESCUED_SALIENCY_DIR, "saliency maps (background: saliency)")}
 
     def body(args, params) -> str:
         t = run(params.export_masks, cams_dir=args.cams, manifest=args.manifest, out_path=args.out,

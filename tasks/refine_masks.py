@@ -36,7 +36,7 @@ from artifacts.pseudo_masks import PseudoMasks, PseudoMaskWriter
 from core.atomic import atomic_path
 from core.config import RefineMasksConfig, result_params
 from core.hashing import file_sha256
-from core.paths import AFFINITY_NET, MANIFEST, PSEUDO_MASKS, REFINED_MASKS, SALIENCY_DIR
+from core.paths import AFFINITY_NET, MANIFEST, PSEUDO_MASKS, REFINED_MASKS, RESCUED_SALIENCY_DIR
 from core.stage_cli import stage_main
 from core.timings import write_timings
 from core.training import default_threads
@@ -154,7 +154,7 @@ def refine(cfg: RefineMasksConfig, model_path: str | Path, masks_path: str | Pat
 
 
 def run(cfg: RefineMasksConfig, *, model_path: str | Path = AFFINITY_NET, masks_path: str | Path = PSEUDO_MASKS,
-        manifest: str | Path = MANIFEST, saliency_dir: str | Path | None = SALIENCY_DIR,
+        manifest: str | Path = MANIFEST, saliency_dir: str | Path | None = RESCUED_SALIENCY_DIR,
         out_path: str | Path = REFINED_MASKS, timings: str | Path | None = None, progress: bool = True) -> dict:
     """The stage: refine every image of the pseudo-mask file (timings to ``timings``: :mod:`core.timings`)."""
     from dataio.manifest import open_dataset
@@ -168,7 +168,7 @@ def run(cfg: RefineMasksConfig, *, model_path: str | Path = AFFINITY_NET, masks_
 def main(argv: list[str] | None = None) -> int:
     paths = {"--model": (AFFINITY_NET, "trained affinity network (train_affinity)"),
              "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file with CAMs (export_masks)"),
-             "--manifest": MANIFEST, "--saliency-dir": (SALIENCY_DIR, "saliency maps (saliency background rules)"),
+             "--manifest": MANIFEST, "--saliency-dir": (RESCUED_SALIENCY_DIR, "saliency maps (saliency background rules)"),
              "--out": REFINED_MASKS}
 
     def body(args, params) -> str:

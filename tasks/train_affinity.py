@@ -38,7 +38,7 @@ from artifacts.cams import PseudoMaskError
 from core import training
 from core.config import TrainAffinityConfig, result_params
 from core.hashing import file_sha256
-from core.paths import MANIFEST, PSEUDO_MASKS, SALIENCY_DIR, TRAIN_AFFINITY_DIR, TRAIN_AFFINITY_STATE
+from core.paths import MANIFEST, PSEUDO_MASKS, RESCUED_SALIENCY_DIR, TRAIN_AFFINITY_DIR, TRAIN_AFFINITY_STATE
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
@@ -165,7 +165,7 @@ def _build_model(cfg: TrainAffinityConfig, seed: int, device: torch.device
 
 
 def run(cfg: TrainAffinityConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
-        masks_path: str | Path = PSEUDO_MASKS, saliency_dir: str | Path | None = SALIENCY_DIR,
+        masks_path: str | Path = PSEUDO_MASKS, saliency_dir: str | Path | None = RESCUED_SALIENCY_DIR,
         out_dir: str | Path = TRAIN_AFFINITY_DIR, state_dir: str | Path = TRAIN_AFFINITY_STATE,
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
@@ -236,7 +236,7 @@ def _train(cfg: TrainAffinityConfig, seed: int, manifest: Path, masks_path: Path
 
 def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file with CAMs (export_masks)"),
-             "--saliency-dir": (SALIENCY_DIR, "saliency maps (saliency background rules)"),
+             "--saliency-dir": (RESCUED_SALIENCY_DIR, "saliency maps (saliency background rules)"),
              "--out": TRAIN_AFFINITY_DIR,
              "--state-dir": (TRAIN_AFFINITY_STATE, "resume checkpoints (outside DVC outputs)")}
 

@@ -44,7 +44,15 @@ from artifacts.cams import PseudoMaskError
 from core import training
 from core.config import TrainSegConfig, result_params
 from core.hashing import file_sha256
-from core.paths import MANIFEST, PSEUDO_MASKS, REFINED_MASKS, SALIENCY_DIR, TRAIN_SEG_DIR, TRAIN_SEG_METRICS, TRAIN_SEG_STATE
+from core.paths import (
+    MANIFEST,
+    PSEUDO_MASKS,
+    REFINED_MASKS,
+    RESCUED_SALIENCY_DIR,
+    TRAIN_SEG_DIR,
+    TRAIN_SEG_METRICS,
+    TRAIN_SEG_STATE,
+)
 from core.sizing import sized
 from core.stage_cli import stage_main
 from core.trainer import TrainingLoop, training_process
@@ -316,7 +324,7 @@ def check_inputs(cfg: TrainSegConfig, reader: SegImages, masks_path: Path,
 
 def run(cfg: TrainSegConfig, *, seed: int = 0, manifest: str | Path = MANIFEST,
         masks_path: str | Path = PSEUDO_MASKS, refined_path: str | Path = REFINED_MASKS,
-        saliency_dir: str | Path | None = SALIENCY_DIR, out_dir: str | Path = TRAIN_SEG_DIR,
+        saliency_dir: str | Path | None = RESCUED_SALIENCY_DIR, out_dir: str | Path = TRAIN_SEG_DIR,
         state_dir: str | Path = TRAIN_SEG_STATE, metrics_path: str | Path | None = TRAIN_SEG_METRICS,
         reader: SegImages | None = None, on_iteration: Callable[[int], None] | None = None,
         progress: bool = True, timings: str | Path | None = None) -> dict:
@@ -428,7 +436,7 @@ def _train(cfg: TrainSegConfig, seed: int, manifest: Path, masks_path: Path, sal
 def main(argv: list[str] | None = None) -> int:
     paths = {"--manifest": MANIFEST, "--masks": (PSEUDO_MASKS, "pseudo-mask HDF5 file (mask_source: pseudo)"),
              "--refined": (REFINED_MASKS, "refined-mask HDF5 file (mask_source: refined)"),
-             "--saliency-dir": (SALIENCY_DIR, "saliency maps (conf_*_margin with a saliency background rule)"),
+             "--saliency-dir": (RESCUED_SALIENCY_DIR, "saliency maps (conf_*_margin with a saliency background rule)"),
              "--out": TRAIN_SEG_DIR, "--state-dir": (TRAIN_SEG_STATE, "resume checkpoints (outside DVC outputs)"),
              "--metrics": (TRAIN_SEG_METRICS, "summary metrics ('' = none)")}
 

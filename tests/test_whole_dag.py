@@ -15,14 +15,15 @@ from models.deeplab import load_segmenter
 REPO = Path(__file__).resolve().parents[1]
 
 
-DAG = ("prepare", "saliency", "train_cls", "infer_cam", "export_masks", "evaluate", "train_affinity", "refine_masks",
-       "evaluate_refined", "train_seg", "predict_seg", "evaluate_seg")
+DAG = ("prepare", "saliency", "train_cls", "infer_cam", "rescue_saliency", "export_masks", "evaluate", "train_affinity",
+       "refine_masks", "evaluate_refined", "train_seg", "predict_seg", "evaluate_seg")
 TINY_PARAMS = {
     "prepare": {"num_train": 16, "num_val": 8, "image_size": 64, "preview_count": 2},
     "saliency": {"backend": "spectral_residual", "workers": 1},
     "train_cls": {"iterations": 2, "batch_size": 4, "crop_size": 64, "resize_long": [48, 80], "threads": 1,
                   "workers": 0, "checkpoint_every": 1, "log_every": 1},
     "infer_cam": {"scales": [1.0], "threads": 1},
+    "rescue_saliency": {"workers": 1},
     "export_masks": {"workers": 1},
     "evaluate": {"workers": 1, "report_images": 2},
     "train_affinity": {"iterations": 2, "batch_size": 4, "crop_size": 64, "threads": 1, "workers": 0,
