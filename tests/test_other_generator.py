@@ -1,0 +1,32 @@
+"""bench/other_generator.py writes a dataset the pipeline reads as ``dataset.kind: voc``: images, masks whose
+classes give the image labels, and context maps with their pairs for m_kc."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import other_generator  # noqa: E402
+
+from dataio.voc import VOCDataset  # noqa: E402
+
+
+def test_the_second_generator_writes_a_voc_layout_with_contexts(tmp_path):
+    assert other_generator.main(["--out", str(tmp_path), "--size", "64", "--train", "6", "--val", "3"]) == 0
+    ds = VOCDataset(tmp_path)
+    assert ds.class_names == list(other_generator.CLASSES)
+    assert ds.ids("train") == [f"train_{i:04d}" for i in range(6)] and len(ds.ids("val")) == 3
+    assert ds.context_names == list(other_generator.CONTEXTS)
+    context_seen = False
+    for image_id in ds.ids("train"):
+        image, mask, ctx = ds.load_image(image_id), ds.load_mask(image_id), ds.load_context(image_id)
+        assert image.shape == (64, 64, 3) and mask.shape == ctx.shape == (64, 64)
+        present = np.unique(mask[(mask > 0) & (mask < 255)]) - 1
+        assert present.size >= 1
+        np.testing.assert_array_equal(np.flatnonzero(ds.labels(image_id)), present)
+        context_seen |= bool(ctx.any())
+    assert context_seen
