@@ -50,63 +50,72 @@ SEG_ALL = "train_seg.conf_fg_margin=0,train_seg.conf_bg_margin=0"
 # the segmenter's val predictions without DeepLab's dense CRF (the default until it was measured): rows whose
 # segmenter was evaluated so keep it explicitly
 SEG_NO_CRF = "predict_seg.crf=false"
+# the masks made from the detector's maps as they are (the default until rescue_saliency): rows measured before
+# the rescue keep it explicitly (with it off the stage copies the maps byte for byte, so their inputs are unchanged)
+NO_RESCUE = "rescue_saliency.enabled=false"
 
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
-    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
+    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}",
+     "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
-    ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate", "CAM, background 1 - saliency"),
-    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background 1 - saliency)"),
-    ("eps_seg_no_crf", SEG_NO_CRF, "evaluate_seg", "EPS, defaults, the segmenter's val predictions without the dense CRF"),
-    ("eps_seg_every_pixel", SEG_ALL, "evaluate_seg",
+    ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate",
+     "CAM, background 1 - saliency (missed objects rescued, as EPS)"),
+    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background 1 - saliency, "
+                                "missed objects rescued)"),
+    ("eps_no_rescue", NO_RESCUE, "evaluate_seg", "EPS, defaults but the detector's maps as they are (no rescue)"),
+    ("eps_seg_no_crf", f"{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+     "EPS, defaults, the segmenter's val predictions without the dense CRF"),
+    ("eps_seg_every_pixel", f"{SEG_ALL},{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on every pseudo-mask pixel (the earlier recipe)"),
-    ("eps_seg_wide_margins", "train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3", "evaluate_seg",
+    ("eps_seg_wide_margins", f"train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3,{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter ignoring more: margins 0.20 / 0.30"),
-    ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
+    ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults but the joint background (saliency and the model's map)"),
-    ("eps_bgmap", "export_masks.background=bgmap", "evaluate", "EPS, defaults but the model's background map"),
-    ("eps_w1", "train_cls.sal_weight=1", "evaluate",
+    ("eps_bgmap", f"export_masks.background=bgmap,{NO_RESCUE}", "evaluate", "EPS, defaults but the model's background map"),
+    ("eps_w1", f"train_cls.sal_weight=1,{NO_RESCUE}", "evaluate",
      "EPS, defaults but L_sal weight 1 (paper): the relative selection alone"),
-    ("eps_adaptive_w5", "train_cls.map_selection=adaptive", "evaluate",
+    ("eps_adaptive_w5", f"train_cls.map_selection=adaptive,{NO_RESCUE}", "evaluate",
      "EPS, defaults but the paper's adaptive selection: the L_sal weight alone"),
-    ("eps_w10_joint", "train_cls.sal_weight=10,export_masks.background=joint", "evaluate",
+    ("eps_w10_joint", f"train_cls.sal_weight=10,export_masks.background=joint,{NO_RESCUE}", "evaluate",
      "EPS, L_sal weight 10 and the joint background"),
-    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
+    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS, the earlier defaults (paper's adaptive selection, L_sal weight 1, background 1 - saliency)"),
-    ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG}", "evaluate",
+    ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG},{NO_RESCUE}", "evaluate",
      "EPS, naive selection (every present class foreground; weight 1, background 1 - saliency)"),
-    ("eps_threshold", f"{EARLIER},export_masks.background=threshold", "evaluate",
+    ("eps_threshold", f"{EARLIER},export_masks.background=threshold,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), constant background 0.20"),
-    ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap", "evaluate",
+    ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), the model's background map"),
-    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF}", "evaluate_seg",
+    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS (earlier defaults) + dense CRF"),
-    ("eps_refined_seg", "train_seg.mask_source=refined", "evaluate_seg",
+    ("eps_refined_seg", f"train_seg.mask_source=refined,{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
     ("eps_crf_now", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF"),
-    ("eps_affinity_psa", "refine_masks.background=psa", "evaluate_refined",
+    ("eps_affinity_psa", f"refine_masks.background=psa,{NO_RESCUE}", "evaluate_refined",
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
-    ("eps_affinity_300", "train_affinity.iterations=300", "evaluate_refined",
+    ("eps_affinity_300", f"train_affinity.iterations=300,{NO_RESCUE}", "evaluate_refined",
      "EPS, defaults, AffinityNet trained 300 iterations (4 epochs, the earlier default)"),
-    ("cam_crf", "train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true", "evaluate",
+    ("cam_crf", f"train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true,{NO_RESCUE}",
+     "evaluate",
      "CAM, constant background 0.20 + dense CRF"),
-    ("cam_affinity", "train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa",
+    ("cam_affinity", f"train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa,{NO_RESCUE}",
      "evaluate_refined", "CAM, constant background 0.20, AffinityNet as psa (sure regions at 0.30 / 0.05)"),
     ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
      "ground-truth masks (upper bound)"),
     ("gt_seg_no_crf", f"train_seg.mask_source=ground_truth,{SEG_NO_CRF}", "evaluate_seg",
      "ground-truth masks (upper bound), predictions without the dense CRF"),
-    ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4", "evaluate",
+    ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
-    ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100", "evaluate",
+    ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), naive selection for the first 100 iterations"),
     ("eps_authors", f"{EARLIER},train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
-                    "export_masks.background=threshold", "evaluate",
+                    f"export_masks.background=threshold,{NO_RESCUE}", "evaluate",
      "EPS, the authors' rules (adaptive selection, weight 1, empty maps to the background, nearest saliency, 0.20)"),
-    ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background", "evaluate",
+    ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), a class with no confident pixel goes to the background (the authors' rule, alone)"),
     ("eps_saliency_oracle", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},saliency.backend=precomputed,"
-                            f"saliency.precomputed_dir={GT_SALIENCY}",
+                            f"saliency.precomputed_dir={GT_SALIENCY},{NO_RESCUE}",
      "evaluate_seg", "EPS (earlier defaults) with the ground-truth foreground as saliency (an oracle: training and export)"),
 )
 
@@ -114,6 +123,15 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
 # rows about what follows the pseudo-masks (their raw masks are another row's): left out of the pseudo-mask table
 NOT_PSEUDO_ROWS = ("gt_seg", "gt_seg_no_crf", "eps_seg_no_crf", "eps_refined_seg", "eps_seg_every_pixel",
                    "eps_seg_wide_margins", "eps_affinity_psa", "eps_affinity_300", "cam_affinity")
+
+
+def unrescued(name: str, r: dict) -> bool:
+    """Whether a row's masks came from the detector's maps without the rescue (where it would have mattered: a
+    saliency background rule) and its label does not already say so."""
+    overrides = r.get("overrides", "")
+    background = re.search(r"export_masks\.background=(\w+)", overrides)
+    return (NO_RESCUE in overrides and name != "eps_no_rescue"
+            and (background is None or background.group(1) not in ("threshold", "bgmap")))
 
 
 def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
@@ -166,7 +184,8 @@ def tables(results: dict) -> str:
             oracle = f"{fmt(r['oracle_miou'])} @ {r['oracle_threshold']:g}"
             if r.get("oracle_mkc") is not None:
                 oracle += f" ({fmt(r['oracle_mkc'], 2)})"
-        lines.append(f"| {r['label']} | {fmt(r['pseudo_miou'])} | {oracle} | {fmt(r['boundary_f1'])} "
+        label = r["label"] + (" (no rescue)" if unrescued(name, r) else "")
+        lines.append(f"| {label} | {fmt(r['pseudo_miou'])} | {oracle} | {fmt(r['boundary_f1'])} "
                      f"| {fmt(r['confusion'], 2)} | " + " | ".join(fmt(r["pairs"].get(p), 2) for p in pair_names)
                      + " |")
     cam = rows.get("cam", {})
@@ -184,7 +203,8 @@ def tables(results: dict) -> str:
         if r.get("seg_miou") is not None:
             overrides = r.get("overrides", "")
             marks = [m for m, on in (("every pixel", SEG_ALL in overrides and name != "eps_seg_every_pixel"),
-                                     ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf"))) if on]
+                                     ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf")),
+                                     ("no rescue", unrescued(name, r))) if on]
             every = f" ({', '.join(marks)})" if marks else ""
             lines.append(f"| {r['label']}{every} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
     lines += ["", "| classifier | val mAP | s/iter | peak MiB |", "|---|---|---|---|"]
@@ -212,7 +232,8 @@ def table4(rows: dict) -> list[str]:
              "| masks | raw | + dense CRF | + AffinityNet | AffinityNet boundary F1 | AffinityNet mean m_kc | "
              "AffinityNet train s (s/iter) | refine img/s |", "|---|---|---|---|---|---|---|---|"]
     for label, raw, crf, aff in (("CAM, constant background 0.20", "cam", "cam_crf", "cam_affinity"),
-                                 ("EPS, defaults", "eps", "eps_crf_now", "eps")):
+                                 ("EPS, defaults", "eps", "eps_crf_now", "eps"),
+                                 ("EPS, defaults but no rescue", "eps_no_rescue", "", "eps_no_rescue")):
         r = rows.get(aff, {})
         if raw not in rows:
             continue
@@ -231,7 +252,8 @@ def table4(rows: dict) -> list[str]:
         timing = "-"
         if r.get("affinity_train_s") is not None:
             timing = f"{fmt(r['affinity_train_s'], 0)} ({fmt(r.get('affinity_s_per_iter'), 2)})"
-        lines.append(f"| {label} | {cell('eps', 'pseudo_miou')} | - | {fmt(r['refined_miou'])} "
+        label += " (no rescue)" if unrescued(name, r) else ""
+        lines.append(f"| {label} | {fmt(r.get('pseudo_miou'))} | - | {fmt(r['refined_miou'])} "
                      f"| {fmt(r.get('refined_boundary_f1'))} | {fmt(r.get('refined_confusion'), 2)} | {timing} "
                      f"| {fmt(r.get('refine_img_s'), 1)} |")
     return lines
