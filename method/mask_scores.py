@@ -74,8 +74,8 @@ class MaskScores:
         for image_id in ids:
             path = saliency_path(self.saliency_dir, image_id)
             if not path.is_file():
-                raise PseudoMaskError(f"saliency map {path} is missing ({reader} reads it); run the saliency stage "
-                                      f"on the train split")
+                raise PseudoMaskError(f"saliency map {path} is missing ({reader} reads it); run the saliency and "
+                                      f"rescue_saliency stages on the train split")
             h.update(path.read_bytes())
 
     def close(self) -> None:

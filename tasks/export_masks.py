@@ -8,7 +8,7 @@ plain h5py, export VOC PNGs with ``python -m artifacts.pseudo_masks png``).
 Per image: scores ``[background, CAM of each present class]`` where the background score is
 the constant ``bg_threshold`` (authors' ``--thr 0.20``), the eps model's background
 probability (``background: bgmap``) or one minus the image's saliency map (``background:
-saliency``, from ``data/saliency/``); the mask is their argmax (ties -> background), or the
+saliency``, from ``data/saliency_rescued/``, :mod:`tasks.rescue_saliency`); the mask is their argmax (ties -> background), or the
 argmax of the CRF posterior started from them (:mod:`method.crf`). Images are processed by
 ``workers`` processes; the main process writes the file to a temporary name and renames it
 when complete, so a killed export leaves nothing at the final path.
@@ -139,12 +139,12 @@ def check_inputs(cfg: ExportMasksConfig, cams_meta: dict, cams_dir: Path,
         from artifacts.saliency_maps import saliency_path
         if saliency_dir is None or not Path(saliency_dir).is_dir():
             raise ExportMasksError(f"params key 'export_masks.background' is {cfg.background} but the saliency folder "
-                                   f"{saliency_dir} does not exist; run the saliency stage first")
+                                   f"{saliency_dir} does not exist; run the saliency and rescue_saliency stages first")
         missing = [i for i in ids if not Path(saliency_path(saliency_dir, i)).is_file()]
         if missing:
             raise ExportMasksError(f"{len(missing)} image(s) have no saliency map in {saliency_dir}, e.g. "
-                                   f"{saliency_path(saliency_dir, missing[0])}; run the saliency stage on "
-                                   f"these splits (params key 'saliency.splits')")
+                                   f"{saliency_path(saliency_dir, missing[0])}; run the saliency (and rescue_saliency) "
+                                   f"stages on these splits (params key 'saliency.splits')")
     return ids
 
 

@@ -3,7 +3,7 @@
 
 ``python -m tasks.refine_masks`` reads ``data/train_affinity/affinity.pt``, ``data/pseudo_masks.h5``
 (the CAMs and background rule of each image, :mod:`method.mask_scores`), the images and, for the
-saliency rules, ``data/saliency/``, and writes ``data/refined_masks.h5``: the layout of the pseudo-mask
+saliency rules, ``data/saliency_rescued/``, and writes ``data/refined_masks.h5``: the layout of the pseudo-mask
 file (:mod:`artifacts.pseudo_masks`, masks only) with the source file's provenance and the refinement's
 params in its attributes. ``train_seg.mask_source: refined`` trains the segmenter on it; the
 ``evaluate_refined`` stage scores it.

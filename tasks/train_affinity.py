@@ -3,7 +3,7 @@ pseudo-masks.
 
 ``python -m tasks.train_affinity`` reads ``data/prepared/dataset.json``, ``data/pseudo_masks.h5``
 (its CAMs and background rule; :mod:`method.mask_scores`) and, for the saliency background rules,
-``data/saliency/``, and writes ``data/train_affinity/affinity.pt`` (:func:`models.affinity.load_affinity_net`)
+``data/saliency_rescued/``, and writes ``data/train_affinity/affinity.pt`` (:func:`models.affinity.load_affinity_net`)
 and dvclive curves in ``data/train_affinity/live/``.
 
 Labels (psa's scheme, :func:`method.mask_rule.sure_labels`): a pixel is a sure class where that class
