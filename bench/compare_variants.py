@@ -142,6 +142,25 @@ def collect(run: Path) -> dict:
     }
 
 
+def repro_targets(target: str) -> list[str]:
+    """The stages a variant reproduces for ``target``: ``evaluate`` too, so every row has its pseudo-mask
+    figures, and ``evaluate_refined`` with ``evaluate_seg``, since train_seg reads the refined masks."""
+    if target == "evaluate":
+        return [target]
+    return ["evaluate", "evaluate_refined", target] if target == "evaluate_seg" else ["evaluate", target]
+
+
+def drop_stale(row: dict, target: str) -> dict:
+    """``row`` without the figures its copy holds from the committed run rather than from this variant: the
+    segmenter's unless ``target`` is evaluate_seg, AffinityNet's unless it is evaluate_seg or evaluate_refined."""
+    row = dict(row)
+    if target != "evaluate_seg":
+        row.update(seg_miou=None, seg_per_class_iou=None, seg_train_s=None)
+    if target not in ("evaluate_seg", "evaluate_refined"):
+        row.update({k: None for k in row if k.startswith(("refined_", "affinity_", "refine_"))})
+    return row
+
+
 def fmt(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -177,18 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         params = apply_variant(yaml.safe_load((run / "params.yaml").read_text()), sets, name)
         (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         log = run / "repro.log"
-        print(f"[{name}] dvc repro {args.target} in {run} (log: {log})", flush=True)
+        print(f"[{name}] dvc repro {' '.join(repro_targets(args.target))} in {run} (log: {log})", flush=True)
         start = time.perf_counter()
         with open(log, "w") as f:
-            # evaluate_seg does not need evaluate: name both so every row has its pseudo-mask columns
-            targets = [args.target] if args.target == "evaluate" else ["evaluate", args.target]
-            proc = subprocess.run([dvc, "repro", *targets], cwd=run, stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.run([dvc, "repro", *repro_targets(args.target)], cwd=run, stdout=f, stderr=subprocess.STDOUT,
                                   env=dict(os.environ, DVC_NO_ANALYTICS="1"))
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             print(f"[{name}] dvc repro failed (exit {proc.returncode}); see {log}", file=sys.stderr)
             return proc.returncode
-        rows[name] = dict(collect(run), wall_s=wall)
+        rows[name] = dict(drop_stale(collect(run), args.target), wall_s=wall)
         print(f"[{name}] done in {wall:.0f} s", flush=True)
     header = ("| variant | val mAP | s/iter | peak MiB | pseudo mIoU | oracle-threshold mIoU | boundary F1 | mean m_kc "
               "| infer img/s "

@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_variants import REPO, apply_variant, collect, fmt, make_copy  # noqa: E402
+from compare_variants import REPO, apply_variant, collect, drop_stale, fmt, make_copy, repro_targets  # noqa: E402
 
 from core.overrides import parse_assignments  # noqa: E402
 
@@ -91,7 +91,8 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS (earlier defaults) + dense CRF"),
     ("eps_refined_seg", f"train_seg.mask_source=refined,{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
-    ("eps_crf_now", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF"),
+    ("eps_crf_now", "export_masks.crf=true", "evaluate_seg",
+     "EPS, defaults + dense CRF on the masks (and the segmenter trained on them)"),
     ("eps_affinity_psa", f"refine_masks.background=psa,{NO_RESCUE}", "evaluate_refined",
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
     ("eps_affinity_300", f"train_affinity.iterations=300,{NO_RESCUE}", "evaluate_refined",
@@ -148,19 +149,11 @@ def run_variant(name: str, spec: str, target: str, out: Path, dvc: str) -> dict:
                         [sys.executable, "bench/upper_bounds.py", "--write-gt-saliency", GT_SALIENCY]):
                 if subprocess.run(cmd, cwd=run, stdout=f, stderr=subprocess.STDOUT).returncode != 0:
                     raise SystemExit(f"[{name}] {' '.join(cmd[:3])} failed; see {log}")
-        # evaluate_seg does not need evaluate: name both so every row has its pseudo-mask figures
-        targets = ["evaluate", target] if target != "evaluate" else [target]
-        if target == "evaluate_seg":   # train_seg reads the refined masks: score them too
-            targets.insert(1, "evaluate_refined")
-        proc = subprocess.run([dvc, "repro", *targets], cwd=run, stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.run([dvc, "repro", *repro_targets(target)], cwd=run, stdout=f, stderr=subprocess.STDOUT,
                               env=dict(os.environ, DVC_NO_ANALYTICS="1"))
     if proc.returncode != 0:
         raise SystemExit(f"[{name}] dvc repro failed (exit {proc.returncode}); see {log}")
-    row = collect(run)
-    if target != "evaluate_seg":   # the copy's eval_seg.json is the committed run's, not this variant's
-        row.update(seg_miou=None, seg_per_class_iou=None, seg_train_s=None)
-    if target not in ("evaluate_seg", "evaluate_refined"):   # nor are its refined masks (train_seg reads them)
-        row.update({k: None for k in row if k.startswith(("refined_", "affinity_", "refine_"))})
+    row = drop_stale(collect(run), target)
     row["wall_s"] = round(time.perf_counter() - start, 1)
     print(f"[{name}] done in {row['wall_s']:.0f} s: pseudo mIoU {fmt(row['pseudo_miou'])}", flush=True)
     return row

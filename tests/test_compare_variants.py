@@ -81,6 +81,23 @@ def test_metrics_are_collected_from_the_stage_outputs(tmp_path):
     assert row["seg_miou"] is None and row["seg_train_s"] is None  # the segmenter did not run
 
 
+def test_a_row_keeps_only_the_figures_its_target_reproduced():
+    # a copy holds the committed run's eval_seg.json and eval_refined.json: a variant that did not
+    # reproduce those stages must not report them as its own
+    assert cv.repro_targets("evaluate") == ["evaluate"]
+    assert cv.repro_targets("evaluate_refined") == ["evaluate", "evaluate_refined"]
+    assert cv.repro_targets("evaluate_seg") == ["evaluate", "evaluate_refined", "evaluate_seg"]
+    row = {"pseudo_miou": 0.6, "seg_miou": 0.7, "seg_per_class_iou": {}, "seg_train_s": 9.0,
+           "refined_miou": 0.65, "affinity_train_s": 3.0, "refine_img_s": 4.0}
+    assert cv.drop_stale(row, "evaluate_seg") == row
+    assert cv.drop_stale(row, "evaluate_refined") == dict(row, seg_miou=None, seg_per_class_iou=None,
+                                                          seg_train_s=None)
+    assert cv.drop_stale(row, "evaluate") == {"pseudo_miou": 0.6, "seg_miou": None, "seg_per_class_iou": None,
+                                              "seg_train_s": None, "refined_miou": None,
+                                              "affinity_train_s": None, "refine_img_s": None}
+    assert row["seg_miou"] == 0.7          # the caller's row is left as it was
+
+
 def _embedded_benchmark():
     spec = importlib.util.spec_from_file_location("embedded_benchmark", REPO / "bench" / "embedded_benchmark.py")
     mod = importlib.util.module_from_spec(spec)
