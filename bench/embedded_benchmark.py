@@ -43,7 +43,8 @@ GT_SALIENCY = "gt_saliency"
 # the earlier defaults (until the relative selection, the L_sal weight and the joint background): rows measured
 # with them keep them explicitly, so that each row's command reproduces it
 EARLIER = "train_cls.map_selection=adaptive,train_cls.sal_weight=1"
-SAL_BG = "export_masks.background=saliency"  # the default rule: pinned where a row is about training only
+# the background 1 - saliency (the default until the 0.20 floor under it): rows measured with it keep it explicitly
+SAL_BG = "export_masks.background=saliency"
 # the segmenter trained on every pseudo-mask pixel (the recipe until the sure regions): rows whose segmenter was
 # measured with it keep it explicitly
 SEG_ALL = "train_seg.conf_fg_margin=0,train_seg.conf_bg_margin=0"
@@ -61,21 +62,27 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "CAM, constant background 0.20 (authors' rule)"),
     ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate",
      "CAM, background 1 - saliency (missed objects rescued, as EPS)"),
-    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background 1 - saliency, "
-                                "missed objects rescued)"),
-    ("eps_no_rescue", NO_RESCUE, "evaluate_seg", "EPS, defaults but the detector's maps as they are (no rescue)"),
-    ("eps_seg_no_crf", f"{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+    ("cam_floor", "train_cls.method=cam", "evaluate",
+     "CAM, EPS's rule: background max(1 - saliency, 0.20), missed objects rescued"),
+    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background max(1 - saliency, "
+                                "0.20), missed objects rescued)"),
+    ("eps_saliency", SAL_BG, "evaluate_seg", "EPS, defaults but background 1 - saliency (the default before the floor)"),
+    ("eps_crf_floor", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF on the masks"),
+    ("eps_no_rescue", f"{SAL_BG},{NO_RESCUE}", "evaluate_seg",
+     "EPS, defaults but the detector's maps as they are (no rescue)"),
+    ("eps_seg_no_crf", f"{SAL_BG},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter's val predictions without the dense CRF"),
-    ("eps_seg_every_pixel", f"{SEG_ALL},{NO_RESCUE}", "evaluate_seg",
+    ("eps_seg_every_pixel", f"{SAL_BG},{SEG_ALL},{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on every pseudo-mask pixel (the earlier recipe)"),
-    ("eps_seg_wide_margins", f"train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3,{NO_RESCUE}", "evaluate_seg",
+    ("eps_seg_wide_margins", f"{SAL_BG},train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3,{NO_RESCUE}",
+     "evaluate_seg",
      "EPS, defaults, the segmenter ignoring more: margins 0.20 / 0.30"),
     ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults but the joint background (saliency and the model's map)"),
     ("eps_bgmap", f"export_masks.background=bgmap,{NO_RESCUE}", "evaluate", "EPS, defaults but the model's background map"),
-    ("eps_w1", f"train_cls.sal_weight=1,{NO_RESCUE}", "evaluate",
+    ("eps_w1", f"{SAL_BG},train_cls.sal_weight=1,{NO_RESCUE}", "evaluate",
      "EPS, defaults but L_sal weight 1 (paper): the relative selection alone"),
-    ("eps_adaptive_w5", f"train_cls.map_selection=adaptive,{NO_RESCUE}", "evaluate",
+    ("eps_adaptive_w5", f"{SAL_BG},train_cls.map_selection=adaptive,{NO_RESCUE}", "evaluate",
      "EPS, defaults but the paper's adaptive selection: the L_sal weight alone"),
     ("eps_w10_joint", f"train_cls.sal_weight=10,export_masks.background=joint,{NO_RESCUE}", "evaluate",
      "EPS, L_sal weight 10 and the joint background"),
@@ -89,22 +96,22 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS (earlier defaults), the model's background map"),
     ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
      "EPS (earlier defaults) + dense CRF"),
-    ("eps_refined_seg", f"train_seg.mask_source=refined,{NO_RESCUE}", "evaluate_seg",
+    ("eps_refined_seg", f"{SAL_BG},train_seg.mask_source=refined,{NO_RESCUE}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
-    ("eps_crf_now", "export_masks.crf=true", "evaluate_seg",
+    ("eps_crf_now", f"{SAL_BG},export_masks.crf=true", "evaluate_seg",
      "EPS, defaults + dense CRF on the masks (and the segmenter trained on them)"),
-    ("eps_affinity_psa", f"refine_masks.background=psa,{NO_RESCUE}", "evaluate_refined",
+    ("eps_affinity_psa", f"{SAL_BG},refine_masks.background=psa,{NO_RESCUE}", "evaluate_refined",
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
-    ("eps_affinity_300", f"train_affinity.iterations=300,{NO_RESCUE}", "evaluate_refined",
+    ("eps_affinity_300", f"{SAL_BG},train_affinity.iterations=300,{NO_RESCUE}", "evaluate_refined",
      "EPS, defaults, AffinityNet trained 300 iterations (4 epochs, the earlier default)"),
     ("cam_crf", f"train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true,{NO_RESCUE}",
      "evaluate",
      "CAM, constant background 0.20 + dense CRF"),
     ("cam_affinity", f"train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa,{NO_RESCUE}",
      "evaluate_refined", "CAM, constant background 0.20, AffinityNet as psa (sure regions at 0.30 / 0.05)"),
-    ("gt_seg", "train_seg.mask_source=ground_truth", "evaluate_seg",
+    ("gt_seg", f"{SAL_BG},train_seg.mask_source=ground_truth", "evaluate_seg",
      "ground-truth masks (upper bound)"),
-    ("gt_seg_no_crf", f"train_seg.mask_source=ground_truth,{SEG_NO_CRF}", "evaluate_seg",
+    ("gt_seg_no_crf", f"{SAL_BG},train_seg.mask_source=ground_truth,{SEG_NO_CRF}", "evaluate_seg",
      "ground-truth masks (upper bound), predictions without the dense CRF"),
     ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4,{NO_RESCUE}", "evaluate",
      "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
@@ -124,6 +131,19 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
 # rows about what follows the pseudo-masks (their raw masks are another row's): left out of the pseudo-mask table
 NOT_PSEUDO_ROWS = ("gt_seg", "gt_seg_no_crf", "eps_seg_no_crf", "eps_refined_seg", "eps_seg_every_pixel",
                    "eps_seg_wide_margins", "eps_affinity_psa", "eps_affinity_300", "cam_affinity")
+
+
+def earlier_rule(name: str, r: dict) -> bool:
+    """Whether a row's masks used the background 1 - saliency (pinned: the default before the 0.20 floor) and
+    neither its label nor the earlier defaults it names already say so."""
+    overrides = r.get("overrides", "")
+    return SAL_BG in overrides and EARLIER not in overrides and "saliency" not in r.get("label", "")
+
+
+def label_marks(name: str, r: dict) -> list[str]:
+    """What a row's label leaves out about its masks: the earlier background rule, no rescue."""
+    return [m for m, on in (("background 1 - saliency", earlier_rule(name, r)), ("no rescue", unrescued(name, r)))
+            if on]
 
 
 def unrescued(name: str, r: dict) -> bool:
@@ -177,7 +197,7 @@ def tables(results: dict) -> str:
             oracle = f"{fmt(r['oracle_miou'])} @ {r['oracle_threshold']:g}"
             if r.get("oracle_mkc") is not None:
                 oracle += f" ({fmt(r['oracle_mkc'], 2)})"
-        label = r["label"] + (" (no rescue)" if unrescued(name, r) else "")
+        label = r["label"] + (f" ({', '.join(label_marks(name, r))})" if label_marks(name, r) else "")
         lines.append(f"| {label} | {fmt(r['pseudo_miou'])} | {oracle} | {fmt(r['boundary_f1'])} "
                      f"| {fmt(r['confusion'], 2)} | " + " | ".join(fmt(r["pairs"].get(p), 2) for p in pair_names)
                      + " |")
@@ -197,6 +217,7 @@ def tables(results: dict) -> str:
             overrides = r.get("overrides", "")
             marks = [m for m, on in (("every pixel", SEG_ALL in overrides and name != "eps_seg_every_pixel"),
                                      ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf")),
+                                     ("background 1 - saliency", earlier_rule(name, r)),
                                      ("no rescue", unrescued(name, r))) if on]
             every = f" ({', '.join(marks)})" if marks else ""
             lines.append(f"| {r['label']}{every} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
@@ -225,8 +246,10 @@ def table4(rows: dict) -> list[str]:
              "| masks | raw | + dense CRF | + AffinityNet | AffinityNet boundary F1 | AffinityNet mean m_kc | "
              "AffinityNet train s (s/iter) | refine img/s |", "|---|---|---|---|---|---|---|---|"]
     for label, raw, crf, aff in (("CAM, constant background 0.20", "cam", "cam_crf", "cam_affinity"),
-                                 ("EPS, defaults", "eps", "eps_crf_now", "eps"),
-                                 ("EPS, defaults but no rescue", "eps_no_rescue", "", "eps_no_rescue")):
+                                 ("EPS, defaults", "eps", "eps_crf_floor", "eps"),
+                                 ("EPS, defaults but background 1 - saliency", "eps_saliency", "eps_crf_now",
+                                  "eps_saliency"),
+                                 ("EPS, background 1 - saliency, no rescue", "eps_no_rescue", "", "eps_no_rescue")):
         r = rows.get(aff, {})
         if raw not in rows:
             continue
@@ -245,7 +268,7 @@ def table4(rows: dict) -> list[str]:
         timing = "-"
         if r.get("affinity_train_s") is not None:
             timing = f"{fmt(r['affinity_train_s'], 0)} ({fmt(r.get('affinity_s_per_iter'), 2)})"
-        label += " (no rescue)" if unrescued(name, r) else ""
+        label += f" ({', '.join(label_marks(name, r))})" if label_marks(name, r) else ""
         lines.append(f"| {label} | {fmt(r.get('pseudo_miou'))} | - | {fmt(r['refined_miou'])} "
                      f"| {fmt(r.get('refined_boundary_f1'))} | {fmt(r.get('refined_confusion'), 2)} | {timing} "
                      f"| {fmt(r.get('refine_img_s'), 1)} |")

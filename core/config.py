@@ -322,7 +322,7 @@ class InferCamConfig:
 class ExportMasksConfig:
     """Pseudo-masks from the CAMs: background score, argmax, optional dense CRF, one HDF5 file."""
 
-    background: str = knob("saliency", choices=("auto", "threshold", "bgmap", "saliency", "saliency_floor",
+    background: str = knob("saliency_floor", choices=("auto", "threshold", "bgmap", "saliency", "saliency_floor",
                                                 "joint"),
                            doc="background score: threshold = constant bg_threshold (authors); bgmap = the model's "
                                "background probability (eps models only); saliency = 1 - the saliency map at "
