@@ -61,7 +61,7 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
     ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate",
-     "CAM, background 1 - saliency (missed objects rescued, as EPS)"),
+     "CAM, background 1 - saliency (missed objects rescued)"),
     ("cam_floor", "train_cls.method=cam", "evaluate",
      "CAM, EPS's rule: background max(1 - saliency, 0.20), missed objects rescued"),
     ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background max(1 - saliency, "
@@ -216,9 +216,8 @@ def tables(results: dict) -> str:
         if r.get("seg_miou") is not None:
             overrides = r.get("overrides", "")
             marks = [m for m, on in (("every pixel", SEG_ALL in overrides and name != "eps_seg_every_pixel"),
-                                     ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf")),
-                                     ("background 1 - saliency", earlier_rule(name, r)),
-                                     ("no rescue", unrescued(name, r))) if on]
+                                     ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf")))
+                     if on] + label_marks(name, r)
             every = f" ({', '.join(marks)})" if marks else ""
             lines.append(f"| {r['label']}{every} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
     lines += ["", "| classifier | val mAP | s/iter | peak MiB |", "|---|---|---|---|"]
