@@ -146,6 +146,11 @@ def label_marks(name: str, r: dict) -> list[str]:
             if on]
 
 
+def in_parens(marks: list[str]) -> str:
+    """`` (a, b)`` after a label, or nothing when there are no marks."""
+    return f" ({', '.join(marks)})" if marks else ""
+
+
 def unrescued(name: str, r: dict) -> bool:
     """Whether a row's masks came from the detector's maps without the rescue (where it would have mattered: a
     saliency background rule) and its label does not already say so."""
@@ -197,7 +202,7 @@ def tables(results: dict) -> str:
             oracle = f"{fmt(r['oracle_miou'])} @ {r['oracle_threshold']:g}"
             if r.get("oracle_mkc") is not None:
                 oracle += f" ({fmt(r['oracle_mkc'], 2)})"
-        label = r["label"] + (f" ({', '.join(label_marks(name, r))})" if label_marks(name, r) else "")
+        label = r["label"] + in_parens(label_marks(name, r))
         lines.append(f"| {label} | {fmt(r['pseudo_miou'])} | {oracle} | {fmt(r['boundary_f1'])} "
                      f"| {fmt(r['confusion'], 2)} | " + " | ".join(fmt(r["pairs"].get(p), 2) for p in pair_names)
                      + " |")
@@ -218,8 +223,7 @@ def tables(results: dict) -> str:
             marks = [m for m, on in (("every pixel", SEG_ALL in overrides and name != "eps_seg_every_pixel"),
                                      ("no test-time CRF", SEG_NO_CRF in overrides and not name.endswith("_no_crf")))
                      if on] + label_marks(name, r)
-            every = f" ({', '.join(marks)})" if marks else ""
-            lines.append(f"| {r['label']}{every} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
+            lines.append(f"| {r['label']}{in_parens(marks)} | {fmt(r['seg_miou'])} | {fmt(r.get('seg_train_s'), 0)} |")
     lines += ["", "| classifier | val mAP | s/iter | peak MiB |", "|---|---|---|---|"]
     for name in ("cam", "eps"):
         r = rows.get(name)
@@ -267,7 +271,7 @@ def table4(rows: dict) -> list[str]:
         timing = "-"
         if r.get("affinity_train_s") is not None:
             timing = f"{fmt(r['affinity_train_s'], 0)} ({fmt(r.get('affinity_s_per_iter'), 2)})"
-        label += f" ({', '.join(label_marks(name, r))})" if label_marks(name, r) else ""
+        label += in_parens(label_marks(name, r))
         lines.append(f"| {label} | {fmt(r.get('pseudo_miou'))} | - | {fmt(r['refined_miou'])} "
                      f"| {fmt(r.get('refined_boundary_f1'))} | {fmt(r.get('refined_confusion'), 2)} | {timing} "
                      f"| {fmt(r.get('refine_img_s'), 1)} |")
