@@ -4,13 +4,20 @@
                                                             # segmenters on EPS / CAM / GT masks
     python bench/compare_variants.py --variant eps \\
         --variant cam:train_cls.method=cam --variant os8:train_cls.output_stride=8 --target evaluate
+    python bench/compare_variants.py --from /tmp/compare_variants/eps --target evaluate \\
+        --out /tmp/cv2 --variant cls1000:train_cls.iterations=1000   # eps's saliency is not run again
 
 This is how the closing-note tables are made. Each variant is a scratch copy of the project in
 ``--out/<name>`` (the files git tracks plus ``dvc.lock``) that uses this project's DVC cache, with the
 ``section.key=value`` overrides written into its ``params.yaml``; ``dvc repro <target>`` then runs
-in it. Stages whose deps and params match a run already in the cache are restored from DVC's run
-cache instead of run again, so variants that differ only in ``export_masks`` train nothing.
-Variants run one after another (each stage uses every core). Reported per variant, where its stages
+in it. The outputs the lock records are checked out from the cache where it holds them, so the stages
+whose deps and params a variant keeps do not run again: variants that differ only in ``export_masks``
+train nothing (DVC's run cache cannot restore a stage whose metrics git tracks).
+``--from RUN`` starts every variant from a finished run's folder instead (``--out/<name>`` of an earlier
+call): its outputs and ``dvc.lock`` come along, so DVC reruns only the stages whose code, deps or params
+differ from what RUN ran (on a CPU, the saliency of a variant that changes only a trainer is not computed
+again). The params are still this project's ``params.yaml`` with the variant's overrides, and the code this
+checkout's. Variants run one after another (each stage uses every core). Reported per variant, where its stages
 ran: classifier val mAP, s/iter and peak memory; pseudo-mask mIoU, boundary F1 and the mean
 co-occurrence confusion ratio (with each pair's); CAM inference and export throughput; segmentation
 val mIoU and training time; the variant's wall time (restored stages cost almost nothing).
@@ -70,12 +77,34 @@ def apply_variant(params: dict, sets: list[tuple[list[str], object]], name: str)
         raise SystemExit(f"variant {name}: {e}") from None
 
 
-def make_copy(dest: Path) -> None:
-    """The tracked files and dvc.lock of this project in ``dest``, using this project's DVC cache."""
+def check_base(base: Path, dests: list[Path]) -> None:
+    """``--from``: a finished run's folder, and none of the folders the variants are about to replace."""
+    if not (base / "dvc.yaml").is_file() or not (base / "dvc.lock").is_file():
+        raise SystemExit(f"--from {base}: not a finished run's folder (no dvc.yaml and dvc.lock there); give a "
+                         "folder an earlier call made (--out/<name>)")
+    if any(base.resolve() == d.resolve() for d in dests):
+        raise SystemExit(f"--from {base}: a variant of this call would write over it; name the variant otherwise "
+                         "or pass another --out")
+
+
+def make_copy(dest: Path, base: Path | None = None) -> None:
+    """The tracked files and dvc.lock of this project in ``dest``, using this project's DVC cache; with
+    ``base`` (a finished run's folder), that folder's outputs and dvc.lock under this project's files."""
     if dest.exists():
         shutil.rmtree(dest)
+    if base is not None:
+        shutil.copytree(base, dest, symlinks=True, ignore=shutil.ignore_patterns("repro.log"))
+        # timings are written only where a stage runs: the base's would pass for the variant's
+        shutil.rmtree(dest / "data" / "timings", ignore_errors=True)
+        shutil.rmtree(dest / ".dvc" / "tmp", ignore_errors=True)
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    files = sorted({f for f in tracked.decode().split("\0") if f} | {"dvc.lock"})  # the lock, committed or not
+    files = {f for f in tracked.decode().split("\0") if f}
+    if base is None:
+        files.add("dvc.lock")   # the lock, committed or not
+    else:
+        # the base's lock and outputs (the metrics git tracks under data/ among them) describe each other
+        files = {f for f in files if f != "dvc.lock" and not f.startswith("data/")}
+    files = sorted(files)
     for rel in files:
         src = REPO / rel
         if src.is_file():
@@ -89,8 +118,9 @@ def make_copy(dest: Path) -> None:
     if (REPO / MODELS_STATE).is_dir():
         (dest / MODELS_STATE).mkdir(parents=True, exist_ok=True)
         for model in (REPO / MODELS_STATE).iterdir():
-            if model.is_file() and not model.name.startswith("."):
-                os.symlink(model, dest / MODELS_STATE / model.name)
+            link = dest / MODELS_STATE / model.name
+            if model.is_file() and not model.name.startswith(".") and not link.is_symlink():
+                os.symlink(model, link)
     # the outputs dvc.lock records, from the shared cache: stages whose deps and params the variant keeps
     # are then up to date (the run cache cannot restore them: their metrics are git-tracked, cache: false)
     subprocess.run([sys.executable, "-m", "dvc", "checkout", "--quiet"], cwd=dest, check=False,
@@ -179,20 +209,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="evaluate_seg", help="the DVC stage to reproduce (and what it needs)")
     ap.add_argument("--out", default="/tmp/compare_variants")
     ap.add_argument("--json", default="", help="also write the table as JSON here")
+    ap.add_argument("--from", dest="base", default="", metavar="RUN",
+                    help="start each variant from this finished run's folder (its outputs and dvc.lock)")
     args = ap.parse_args(argv)
     variants = [parse_variant(v) for v in (args.variant or DEFAULT_VARIANTS)]
     if len({n for n, _ in variants}) != len(variants):
         raise SystemExit("variant names must be distinct")
+    out = Path(args.out)
+    base = Path(args.base) if args.base else None
+    if base is not None:
+        check_base(base, [out / n for n, _ in variants])
     if not (REPO / ".dvc" / "cache").is_dir():
         print("note: this project's DVC cache is empty (no `dvc repro` here yet): every variant runs every stage",
               flush=True)
     # absolute: the command runs inside each copy, where a relative PATH entry would not resolve
     dvc = str(Path(shutil.which("dvc") or Path(sys.executable).parent / "dvc").resolve())
-    out = Path(args.out)
     rows = {}
     for name, sets in variants:
         run = out / name
-        make_copy(run)
+        make_copy(run, base)
         params = apply_variant(yaml.safe_load((run / "params.yaml").read_text()), sets, name)
         (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         log = run / "repro.log"

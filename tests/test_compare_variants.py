@@ -127,3 +127,41 @@ def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the
     old = dict(row, label="EPS, old", overrides=eb.SAL_BG)
     text = eb.tables({"variants": {"eps_saliency": old}, "command": "c", "machine": "m"})
     assert "| EPS, old (background 1 - saliency) | 0.500 |" in text
+
+
+def test_a_copy_from_a_finished_run_keeps_its_outputs_and_lock_under_this_checkouts_code(tmp_path):
+    base = tmp_path / "base"
+    cv.make_copy(base)
+    lock = "schema: '2.0'\nstages: {}\n"          # the base's run, as its lock records it
+    (base / "dvc.lock").write_text(lock)
+    (base / "data" / "saliency").mkdir(parents=True, exist_ok=True)
+    (base / "data" / "saliency" / "a.png").write_bytes(b"the base's map")
+    (base / "data" / "metrics" / "saliency.json").write_text('{"from": "base"}')
+    (base / "data" / "timings").mkdir(parents=True, exist_ok=True)
+    (base / "data" / "timings" / "train_cls.json").write_text('{"perf": {"sec_per_iter": 9.9}}')
+    (base / "repro.log").write_text("the base's log")
+    (base / "params.yaml").write_text("seed: 7\n")
+    (base / "tasks" / "train_cls.py").write_text("# older code\n")
+
+    dest = tmp_path / "copy"
+    cv.make_copy(dest, base)
+    # what the base's run made, with the lock that records it: DVC skips the stages a variant keeps
+    assert (dest / "data" / "saliency" / "a.png").read_bytes() == b"the base's map"
+    assert (dest / "data" / "metrics" / "saliency.json").read_text() == '{"from": "base"}'
+    assert (dest / "dvc.lock").read_text() == lock
+    # the base's timings would pass for the variant's, its log for the variant's log
+    assert not (dest / "data" / "timings").exists() and not (dest / "repro.log").exists()
+    # this checkout's code and params (the variant's overrides go on top of them)
+    for rel in ("params.yaml", "tasks/train_cls.py", "dvc.yaml"):
+        assert (dest / rel).read_bytes() == (REPO / rel).read_bytes()
+    assert cv.collect(dest)["s_per_iter"] is None
+
+
+def test_from_must_be_a_finished_run_that_no_variant_writes_over(tmp_path):
+    with pytest.raises(SystemExit, match="not a finished run's folder"):
+        cv.check_base(tmp_path, [tmp_path / "out" / "eps"])
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    cv.check_base(tmp_path, [tmp_path / "out" / "eps"])
+    with pytest.raises(SystemExit, match="would write over it"):
+        cv.check_base(tmp_path, [tmp_path / "out" / "eps", tmp_path])
