@@ -1,5 +1,6 @@
-"""Params overrides ``section.key=value`` (values in YAML syntax): the one parser of the benches
-and variant runs. Overrides may only set keys that exist, so a typo fails naming the key."""
+"""Params overrides ``section.key=value`` or ``key=value`` for a top-level key such as ``seed`` (values in
+YAML syntax): the one parser of the benches and variant runs. Overrides may only set keys that exist, and
+never a whole section, so a typo or a missing section fails naming the key."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from core.config import ConfigError
 
 
 def parse_assignment(item: str) -> tuple[list[str], Any]:
-    """``"train_cls.tau=0.3"`` -> ``(["train_cls", "tau"], 0.3)``."""
+    """``"train_cls.tau=0.3"`` -> ``(["train_cls", "tau"], 0.3)``; ``"seed=1"`` -> ``(["seed"], 1)``."""
     key, eq, value = item.partition("=")
-    if not eq or "." not in key or not all(key.split(".")):
-        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key = key.strip()
+    if not eq or not all(key.split(".")):
+        raise ConfigError(f"override {item!r}: expected section.key=value (or key=value for a top-level key "
+                          "such as seed)")
     return key.split("."), yaml.safe_load(value)
 
 
@@ -44,6 +47,9 @@ def apply_overrides(params: dict, sets: Iterable[tuple[list[str], Any]]) -> dict
             node = node[part]
         if path[-1] not in node:
             raise ConfigError(f"params has no key '{'.'.join(path)}'")
+        if isinstance(node[path[-1]], dict):
+            raise ConfigError(f"params key '{'.'.join(path)}' is a section: set one of its keys "
+                              f"({'.'.join(path)}.<key>=value)")
         node[path[-1]] = value
     return params
 
@@ -61,8 +67,8 @@ def check_overrides(params_path: str | Path, overrides: dict[str, Any]) -> dict:
         raise ConfigError(f"cannot read {path}: {e}") from None
     sets = []
     for key, value in overrides.items():
-        if not isinstance(key, str) or "." not in key or not all(key.split(".")):
-            raise ConfigError(f"override {key!r}: expected a dotted params key such as train_cls.tau")
+        if not isinstance(key, str) or not all(key.split(".")):
+            raise ConfigError(f"override {key!r}: expected a params key such as train_cls.tau or seed")
         sets.append((key.split("."), value))
     params = apply_overrides(params, sets)
     if set(params) <= {f.name for f in dataclasses.fields(Params)}:

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rerun the selected stages even if DVC has them cached")
     parser.add_argument("--repo", default=str(PROJECT_ROOT),
                         help="DVC project root (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
                         help="override a params key (repeatable): the run becomes a DVC experiment")
     parser.add_argument("--name", default="", help="with --set: the experiment's name")
     parser.add_argument("--shards", type=int, default=1,

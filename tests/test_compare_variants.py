@@ -25,7 +25,7 @@ def test_variant_specs_parse_to_typed_overrides():
                     (["infer_cam", "scales"], [1.0])]
 
 
-@pytest.mark.parametrize("spec", ["", "a b:x.y=1", "v:noequals", "v:nosection=1"])
+@pytest.mark.parametrize("spec", ["", "a b:x.y=1", "v:noequals", "v:.x=1"])
 def test_bad_variant_specs_are_refused(spec):
     with pytest.raises(SystemExit):
         cv.parse_variant(spec)
@@ -39,6 +39,9 @@ def test_overrides_must_name_existing_params_keys():
         cv.apply_variant(params, cv.parse_variant("v:train_cls.metod=cam")[1], "v")
     with pytest.raises(SystemExit, match="no section 'nosuch'"):
         cv.apply_variant(params, cv.parse_variant("v:nosuch.key=1")[1], "v")
+    with pytest.raises(SystemExit, match="variant v: params has no key 'nosection'"):
+        cv.apply_variant(params, cv.parse_variant("v:nosection=1")[1], "v")
+    assert cv.apply_variant(params, cv.parse_variant("s1:seed=1")[1], "s1")["seed"] == 1   # a top-level key
 
 
 def test_scratch_copy_has_the_tracked_files_and_uses_the_project_cache(tmp_path):
