@@ -1,7 +1,7 @@
 """Component upper bounds of the pseudo-masks: what each part of the pipeline allows at best.
 
-    python bench/upper_bounds.py                      # the embedded run in data/
-    python bench/upper_bounds.py --saliency-dir /tmp/x/data/saliency --json /tmp/bounds.json
+    python bench/upper_bounds.py                      # the embedded run in data/ (its rescued maps)
+    python bench/upper_bounds.py --saliency-dir data/saliency --json /tmp/bounds.json   # the detector's maps
 
 Every bound uses the ground truth (oracles: information for the README, never used by the pipeline),
 on the ``--split`` images:
@@ -14,6 +14,11 @@ on the ``--split`` images:
   background pixel is given the largest class present: a perfect class assignment can only pick a
   present class there), a non-salient pixel is background. What perfect class maps can give when the
   saliency decides the background (``export_masks.background: saliency``).
+* **saliency > 0.5 as the foreground, a salient context taken by its class**: as above, but a salient
+  context pixel goes to the class it co-occurs with when that class is present (sky to the plane), as
+  class maps that cannot tell a context from its class would label it. What the saliency's extent allows
+  when the classes cannot reject the contexts it marks; its m_kc per pair is the bar below which only a
+  classifier that separates a context from its class can take a mask that trusts the saliency.
 * **saliency alone**: IoU of the salient region with the true foreground (class-agnostic).
 * **selection**: the share of present classes whose true region overlaps the saliency by more than
   ``train_cls.tau`` (|GT_c ∩ B_s| / |GT_c| > tau): the foreground share the adaptive selection would give
@@ -43,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from artifacts.saliency_maps import load_saliency, write_map_atomic  # noqa: E402
 from core.config import load_params  # noqa: E402
-from core.paths import MANIFEST, SALIENCY_DIR
+from core.paths import MANIFEST, RESCUED_SALIENCY_DIR
 from core.sizing import sized  # noqa: E402
 from dataio.manifest import open_dataset  # noqa: E402
 from method.metrics import SegEvaluator  # noqa: E402
@@ -71,6 +76,19 @@ def saliency_background_oracle(gt: np.ndarray, saliency: np.ndarray) -> np.ndarr
     return pred.astype(np.uint8)
 
 
+def saliency_context_oracle(gt: np.ndarray, saliency: np.ndarray, context: np.ndarray,
+                            context_class: dict[int, int]) -> np.ndarray:
+    """:func:`saliency_background_oracle`, but a salient pixel of context ``k`` takes class
+    ``context_class[k]`` (0-based) when that class is in the image (a label ``c + 1``)."""
+    pred = saliency_background_oracle(gt, saliency)
+    salient_bg = (saliency > 0.5) & (gt == 0)
+    present = set(np.unique(gt).tolist())
+    for k, c in context_class.items():
+        if c + 1 in present:
+            pred[salient_bg & (context == k)] = c + 1
+    return pred
+
+
 def selection_oracle(gt: np.ndarray, saliency: np.ndarray, tau: float) -> tuple[int, int]:
     """(present classes whose true region is salient by more than ``tau``, present classes) of one image."""
     salient = saliency > 0.5
@@ -85,6 +103,12 @@ def print_bounds(rows: dict) -> None:
         if "miou" in r:
             cells = [r.get(k) for k in ("miou", "boundary_f1", "mean_mkc")]
             print(f"| {name} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in cells) + " |")
+    pairs = {name: r["pairs"] for name, r in rows.items() if r.get("pairs")}
+    if pairs:
+        names = list(next(iter(pairs.values())))
+        print("\nm_kc per pair:\n| bound | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for name, p in pairs.items():
+            print(f"| {name} | " + " | ".join(f"{p[n]:.2f}" for n in names) + " |")
     sel = rows.get("selection", {})
     if sel.get("foreground_share") is not None:
         print(f"\nselection oracle: {sel['foreground_share']:.3f} of the {sel['present']} present classes have their "
@@ -96,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--manifest", default=MANIFEST)
-    ap.add_argument("--saliency-dir", default=SALIENCY_DIR)
+    ap.add_argument("--saliency-dir", default=RESCUED_SALIENCY_DIR,
+                    help="the maps to bound (default: those the masks are made from, after rescue_saliency)")
     ap.add_argument("--split", default="train")
     ap.add_argument("--json", default="", help="also write the bounds as JSON here")
     ap.add_argument("--write-gt-saliency", default="", metavar="DIR",
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     res = SegEvaluator(ds.num_classes, ctx)
     res1 = SegEvaluator(ds.num_classes, ctx)
     sal_bg = SegEvaluator(ds.num_classes, ctx)
+    sal_ctx = SegEvaluator(ds.num_classes, ctx)
     inter = union = selected = present = 0
     ctx_names = list(getattr(ds, "context_names", []) or [])
     ctx_salient, ctx_total = np.zeros(len(ctx_names) + 1), np.zeros(len(ctx_names) + 1)
@@ -135,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         res1.add(gt, resolution_oracle(gt, ds.num_classes + 1, [1.0], stride), context)
         sal = load_saliency(args.saliency_dir, image_id, gt.shape)
         sal_bg.add(gt, saliency_background_oracle(gt, sal), context)
+        if context is not None:
+            sal_ctx.add(gt, saliency_context_oracle(gt, sal, context, ctx), context)
         sel = selection_oracle(gt, sal, params.train_cls.tau)
         selected, present = selected + sel[0], present + sel[1]
         fg, salient = (gt > 0) & (gt != 255), (sal > 0.5) & (gt != 255)
@@ -145,13 +173,19 @@ def main(argv: list[str] | None = None) -> int:
             ctx_total += np.bincount(context[visible].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
             ctx_salient += np.bincount(context[visible & salient].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
     rows = {}
-    for name, acc in ((f"resolution, scales {scales}, stride {stride}", res),
-                      (f"resolution, scale 1, stride {stride}", res1),
-                      ("saliency > 0.5 as the foreground (perfect classes)", sal_bg)):
+    evaluators = [(f"resolution, scales {scales}, stride {stride}", res),
+                  (f"resolution, scale 1, stride {stride}", res1),
+                  ("saliency > 0.5 as the foreground (perfect classes)", sal_bg)]
+    if ctx:
+        evaluators.append(("saliency > 0.5 as the foreground, a salient context taken by its class", sal_ctx))
+    for name, acc in evaluators:
         s = acc.summary()
         ratios = [p["ratio"] for p in s["cooccurrence"] if not np.isnan(p["ratio"])]
         rows[name] = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],
                       "mean_mkc": float(np.mean(ratios)) if ratios else None}
+        if ctx:
+            rows[name]["pairs"] = {f"{ctx_names[p['context'] - 1]}->{ds.class_names[p['class']]}": p["ratio"]
+                                   for p in s["cooccurrence"]}
     rows["saliency alone (foreground IoU)"] = {"miou": inter / union if union else None}
     rows["selection"] = {"foreground_share": selected / present if present else None, "present": present,
                          "tau": params.train_cls.tau}
