@@ -54,73 +54,79 @@ SEG_NO_CRF = "predict_seg.crf=false"
 # the masks made from the detector's maps as they are (the default until rescue_saliency): rows measured before
 # the rescue keep it explicitly (with it off the stage copies the maps byte for byte, so their inputs are unchanged)
 NO_RESCUE = "rescue_saliency.enabled=false"
+# IS-Net as the detector (the default until U²-Net-p): rows measured with it keep it explicitly
+ISNET = "saliency.backend=isnet"
 
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
-    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}",
+    ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE},{ISNET}",
      "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
-    ("cam_saliency", f"train_cls.method=cam,{SAL_BG}", "evaluate",
+    ("cam_saliency", f"train_cls.method=cam,{SAL_BG},{ISNET}", "evaluate",
      "CAM, background 1 - saliency (missed objects rescued)"),
-    ("cam_floor", "train_cls.method=cam", "evaluate",
+    ("cam_floor", f"train_cls.method=cam,{ISNET}", "evaluate",
      "CAM, EPS's rule: background max(1 - saliency, 0.20), missed objects rescued"),
-    ("eps", "", "evaluate_seg", "EPS, defaults (relative selection, L_sal weight 5, background max(1 - saliency, "
-                                "0.20), missed objects rescued)"),
-    ("eps_saliency", SAL_BG, "evaluate_seg", "EPS, defaults but background 1 - saliency (the default before the floor)"),
-    ("eps_crf_floor", "export_masks.crf=true", "evaluate", "EPS, defaults + dense CRF on the masks"),
-    ("eps_no_rescue", f"{SAL_BG},{NO_RESCUE}", "evaluate_seg",
+    ("eps", "", "evaluate_seg", "EPS, defaults (U²-Net-p saliency, relative selection, L_sal weight 5, background "
+                                "max(1 - saliency, 0.20), missed objects rescued)"),
+    ("eps_isnet", ISNET, "evaluate_seg", "EPS, defaults but IS-Net as the detector (the default before U²-Net-p)"),
+    ("eps_saliency", f"{SAL_BG},{ISNET}", "evaluate_seg",
+     "EPS, defaults but background 1 - saliency (the default before the floor)"),
+    ("eps_crf_floor", f"export_masks.crf=true,{ISNET}", "evaluate", "EPS, defaults + dense CRF on the masks"),
+    ("eps_no_rescue", f"{SAL_BG},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults but the detector's maps as they are (no rescue)"),
-    ("eps_seg_no_crf", f"{SAL_BG},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+    ("eps_seg_no_crf", f"{SAL_BG},{SEG_NO_CRF},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults, the segmenter's val predictions without the dense CRF"),
-    ("eps_seg_every_pixel", f"{SAL_BG},{SEG_ALL},{NO_RESCUE}", "evaluate_seg",
+    ("eps_seg_every_pixel", f"{SAL_BG},{SEG_ALL},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on every pseudo-mask pixel (the earlier recipe)"),
-    ("eps_seg_wide_margins", f"{SAL_BG},train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3,{NO_RESCUE}",
+    ("eps_seg_wide_margins", f"{SAL_BG},train_seg.conf_fg_margin=0.2,train_seg.conf_bg_margin=0.3,{NO_RESCUE},{ISNET}",
      "evaluate_seg",
      "EPS, defaults, the segmenter ignoring more: margins 0.20 / 0.30"),
-    ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+    ("eps_joint", f"export_masks.background=joint,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults but the joint background (saliency and the model's map)"),
-    ("eps_bgmap", f"export_masks.background=bgmap,{NO_RESCUE}", "evaluate", "EPS, defaults but the model's background map"),
-    ("eps_w1", f"{SAL_BG},train_cls.sal_weight=1,{NO_RESCUE}", "evaluate",
+    ("eps_bgmap", f"export_masks.background=bgmap,{NO_RESCUE},{ISNET}", "evaluate",
+     "EPS, defaults but the model's background map"),
+    ("eps_w1", f"{SAL_BG},train_cls.sal_weight=1,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS, defaults but L_sal weight 1 (paper): the relative selection alone"),
-    ("eps_adaptive_w5", f"{SAL_BG},train_cls.map_selection=adaptive,{NO_RESCUE}", "evaluate",
+    ("eps_adaptive_w5", f"{SAL_BG},train_cls.map_selection=adaptive,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS, defaults but the paper's adaptive selection: the L_sal weight alone"),
-    ("eps_w10_joint", f"train_cls.sal_weight=10,export_masks.background=joint,{NO_RESCUE}", "evaluate",
+    ("eps_w10_joint", f"train_cls.sal_weight=10,export_masks.background=joint,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS, L_sal weight 10 and the joint background"),
-    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+    ("eps_adaptive", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, the earlier defaults (paper's adaptive selection, L_sal weight 1, background 1 - saliency)"),
-    ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG},{NO_RESCUE}", "evaluate",
+    ("eps_naive", f"train_cls.map_selection=naive,train_cls.sal_weight=1,{SAL_BG},{NO_RESCUE},{ISNET}", "evaluate",
      "EPS, naive selection (every present class foreground; weight 1, background 1 - saliency)"),
-    ("eps_threshold", f"{EARLIER},export_masks.background=threshold,{NO_RESCUE}", "evaluate",
+    ("eps_threshold", f"{EARLIER},export_masks.background=threshold,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), constant background 0.20"),
-    ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap,{NO_RESCUE}", "evaluate",
+    ("eps_adaptive_bgmap", f"{EARLIER},export_masks.background=bgmap,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), the model's background map"),
-    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE}", "evaluate_seg",
+    ("eps_crf", f"{EARLIER},{SAL_BG},export_masks.crf=true,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS (earlier defaults) + dense CRF"),
-    ("eps_refined_seg", f"{SAL_BG},train_seg.mask_source=refined,{NO_RESCUE}", "evaluate_seg",
+    ("eps_refined_seg", f"{SAL_BG},train_seg.mask_source=refined,{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
-    ("eps_crf_now", f"{SAL_BG},export_masks.crf=true", "evaluate_seg",
+    ("eps_crf_now", f"{SAL_BG},export_masks.crf=true,{ISNET}", "evaluate_seg",
      "EPS, defaults + dense CRF on the masks (and the segmenter trained on them)"),
-    ("eps_affinity_psa", f"{SAL_BG},refine_masks.background=psa,{NO_RESCUE}", "evaluate_refined",
+    ("eps_affinity_psa", f"{SAL_BG},refine_masks.background=psa,{NO_RESCUE},{ISNET}", "evaluate_refined",
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
-    ("eps_affinity_300", f"{SAL_BG},train_affinity.iterations=300,{NO_RESCUE}", "evaluate_refined",
+    ("eps_affinity_300", f"{SAL_BG},train_affinity.iterations=300,{NO_RESCUE},{ISNET}", "evaluate_refined",
      "EPS, defaults, AffinityNet trained 300 iterations (4 epochs, the earlier default)"),
-    ("cam_crf", f"train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true,{NO_RESCUE}",
+    ("cam_crf", f"train_cls.method=cam,export_masks.background=threshold,export_masks.crf=true,{NO_RESCUE},{ISNET}",
      "evaluate",
      "CAM, constant background 0.20 + dense CRF"),
-    ("cam_affinity", f"train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa,{NO_RESCUE}",
+    ("cam_affinity",
+     f"train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa,{NO_RESCUE},{ISNET}",
      "evaluate_refined", "CAM, constant background 0.20, AffinityNet as psa (sure regions at 0.30 / 0.05)"),
-    ("gt_seg", f"{SAL_BG},train_seg.mask_source=ground_truth", "evaluate_seg",
+    ("gt_seg", f"{SAL_BG},train_seg.mask_source=ground_truth,{ISNET}", "evaluate_seg",
      "ground-truth masks (upper bound)"),
-    ("gt_seg_no_crf", f"{SAL_BG},train_seg.mask_source=ground_truth,{SEG_NO_CRF}", "evaluate_seg",
+    ("gt_seg_no_crf", f"{SAL_BG},train_seg.mask_source=ground_truth,{SEG_NO_CRF},{ISNET}", "evaluate_seg",
      "ground-truth masks (upper bound), predictions without the dense CRF"),
-    ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4,{NO_RESCUE}", "evaluate",
+    ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
-    ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100,{NO_RESCUE}", "evaluate",
+    ("eps_warmup", f"{EARLIER},{SAL_BG},train_cls.selection_warmup=100,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), naive selection for the first 100 iterations"),
     ("eps_authors", f"{EARLIER},train_cls.empty_maps=background,train_cls.saliency_resize=nearest,"
-                    f"export_masks.background=threshold,{NO_RESCUE}", "evaluate",
+                    f"export_masks.background=threshold,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS, the authors' rules (adaptive selection, weight 1, empty maps to the background, nearest saliency, 0.20)"),
-    ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background,{NO_RESCUE}", "evaluate",
+    ("eps_empty_background", f"{EARLIER},{SAL_BG},train_cls.empty_maps=background,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), a class with no confident pixel goes to the background (the authors' rule, alone)"),
     ("eps_saliency_oracle", f"{EARLIER},{SAL_BG},{SEG_ALL},{SEG_NO_CRF},saliency.backend=precomputed,"
                             f"saliency.precomputed_dir={GT_SALIENCY},{NO_RESCUE}",
@@ -141,9 +147,13 @@ def earlier_rule(name: str, r: dict) -> bool:
 
 
 def label_marks(name: str, r: dict) -> list[str]:
-    """What a row's label leaves out about its masks: the earlier background rule, no rescue."""
-    return [m for m, on in (("background 1 - saliency", earlier_rule(name, r)), ("no rescue", unrescued(name, r)))
-            if on]
+    """What a row's label leaves out about its masks: IS-Net as the detector, the earlier background rule, no
+    rescue."""
+    overrides = r.get("overrides", "")
+    blind = "train_cls.method=cam" in overrides and "export_masks.background=threshold" in overrides  # no saliency
+    isnet = ISNET in overrides and "IS-Net" not in r.get("label", "") and not blind
+    return [m for m, on in (("IS-Net", isnet), ("background 1 - saliency", earlier_rule(name, r)),
+                            ("no rescue", unrescued(name, r))) if on]
 
 
 def in_parens(marks: list[str]) -> str:
@@ -249,10 +259,12 @@ def table4(rows: dict) -> list[str]:
              "| masks | raw | + dense CRF | + AffinityNet | AffinityNet boundary F1 | AffinityNet mean m_kc | "
              "AffinityNet train s (s/iter) | refine img/s |", "|---|---|---|---|---|---|---|---|"]
     for label, raw, crf, aff in (("CAM, constant background 0.20", "cam", "cam_crf", "cam_affinity"),
-                                 ("EPS, defaults", "eps", "eps_crf_floor", "eps"),
-                                 ("EPS, defaults but background 1 - saliency", "eps_saliency", "eps_crf_now",
+                                 ("EPS, defaults", "eps", "", "eps"),
+                                 ("EPS, defaults but IS-Net", "eps_isnet", "eps_crf_floor", "eps_isnet"),
+                                 ("EPS, IS-Net, background 1 - saliency", "eps_saliency", "eps_crf_now",
                                   "eps_saliency"),
-                                 ("EPS, background 1 - saliency, no rescue", "eps_no_rescue", "", "eps_no_rescue")):
+                                 ("EPS, IS-Net, background 1 - saliency, no rescue", "eps_no_rescue", "",
+                                  "eps_no_rescue")):
         r = rows.get(aff, {})
         if raw not in rows:
             continue

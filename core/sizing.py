@@ -18,7 +18,9 @@ The rules (``os`` is the output stride, ``s`` the segmenter's middle training sc
 * ``train_affinity.feature_stride``: 8 (psa) when that grid keeps at least 32 cells (``L >= 256``),
   else 4;
 * ``saliency.input_size``: ``4 L`` rounded down to a multiple of 32, within [320, 1024] (IS-Net was
-  trained at 1024; upscaling small images lets it see their objects at a size it knows).
+  trained at 1024; upscaling small images lets it see their objects at a size it knows); for U²-Net-p
+  (``backend: u2netp``, trained at 320) within [320, 512]: on the real VOC photos it fails at 1024
+  (foreground IoU 0.05 against 0.45 at 320, README).
 
 On the embedded 128-px images these give the values the project used before ``auto`` existed.
 ``infer_cam.scales`` is not sized: it stays the paper's 0.5, 1, 1.5, 2.
@@ -36,14 +38,16 @@ MAX_CROP = 448
 MIN_CELLS = 8          # cells across the image at scale 1 for output stride 16
 MIN_SEG_CELLS = 12     # cells across the long side at the segmenter's middle training scale
 MIN_AFFINITY_CELLS = 32
+U2NETP_MAX_INPUT = 512  # U²-Net-p was trained at 320; on real photos it degrades past ~400 and fails at 1024
 
 
 def _down(x: float, multiple: int) -> int:
     return int(x // multiple) * multiple
 
 
-def auto_values(long_side: float) -> dict[str, dict[str, Any]]:
-    """section -> knob -> the value ``auto`` stands for, for images of median long side ``long_side`` px."""
+def auto_values(long_side: float, saliency_backend: str = "isnet") -> dict[str, dict[str, Any]]:
+    """section -> knob -> the value ``auto`` stands for, for images of median long side ``long_side`` px
+    (the saliency input for ``saliency_backend``)."""
     if not long_side > 0:
         raise ValueError(f"the median long side of the images must be positive, got {long_side!r}")
     size = float(long_side)
@@ -51,7 +55,8 @@ def auto_values(long_side: float) -> dict[str, dict[str, Any]]:
     crop = max(32, _down(min(size, MAX_CROP), 16))
     s = max(1.0, MIN_SEG_CELLS * stride / size)
     return {
-        "saliency": {"input_size": min(1024, max(320, _down(4 * size, 32)))},
+        "saliency": {"input_size": min(U2NETP_MAX_INPUT if saliency_backend == "u2netp" else 1024,
+                                       max(320, _down(4 * size, 32)))},
         "train_cls": {"output_stride": stride, "crop_size": crop,
                       "resize_long": [round(0.75 * size), round(1.25 * size)]},
         "train_seg": {"output_stride": stride, "crop_size": crop,
@@ -76,7 +81,7 @@ def resolve(cfg: Any, section: str, long_side: float) -> Any:
     names = auto_knobs(cfg)
     if not names:
         return cfg
-    values = dict(auto_values(long_side).get(section, {}))
+    values = dict(auto_values(long_side, getattr(cfg, "backend", "isnet")).get(section, {}))
     if getattr(cfg, "backbone", None) == "resnet38d":
         values["output_stride"] = 8       # dilated by design
     missing = [n for n in names if n not in values]

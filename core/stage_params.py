@@ -10,7 +10,8 @@ from __future__ import annotations
 # whole sections or dotted keys
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "check_params": (),
-    "prepare": ("dataset", "prepare"),
+    # saliency.backend: the saliency input size prepare lists under auto_sizes depends on the detector
+    "prepare": ("dataset", "prepare", "saliency.backend"),
     "saliency": ("saliency",),
     "train_cls": ("seed", "train_cls"),
     "infer_cam": ("infer_cam",),

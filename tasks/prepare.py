@@ -249,7 +249,8 @@ def _record(ds: SegDataset, tmp: Path, params: Params, project_dir: Path, metric
     metrics: dict[str, Any] = {"dataset": params.dataset.kind, "num_classes": ds.num_classes,
                                "class_names": ds.class_names, "splits": {},
                                "auto_sizes": {"median_long_side": ds.median_long_side("train"),
-                                              **auto_values(ds.median_long_side("train"))}}
+                                              **auto_values(ds.median_long_side("train"),
+                                                           params.saliency.backend)}}
     if records is not None:
         metrics["co_occurrence_rate_param"] = params.prepare.co_occurrence_rate
     for split in SPLITS:

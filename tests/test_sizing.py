@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from core.config import ConfigError, Params, PredictSegConfig, TrainClsConfig, build, load_params
+from core.config import ConfigError, Params, PredictSegConfig, SaliencyConfig, TrainClsConfig, build, load_params
 from core.sizing import auto_knobs, auto_values, resolve, sized
 from dataio.manifest import open_dataset
 from tasks import prepare
@@ -30,15 +30,16 @@ RULES = {
          "train_seg": {"output_stride": 8, "crop_size": 64, "scale_range": [1.0, 2.0]},
          "predict_seg": {"scales": [1.25, 1.5, 1.75]},
          "train_affinity": {"output_stride": 8, "crop_size": 64, "scale_range": [1.0, 1.5], "feature_stride": 4}},
-    # 160 px: stride 16; s = 12 * 16 / 160 = 1.2; 4 x 160 = 640
-    160: {"saliency": {"input_size": 640},
+    # 160 px: stride 16; s = 12 * 16 / 160 = 1.2; 4 x 160 = 640 -> 512, U²-Net-p's cap (the default detector)
+    160: {"saliency": {"input_size": 512},
           "train_cls": {"output_stride": 16, "crop_size": 160, "resize_long": [120, 200]},
           "train_seg": {"output_stride": 16, "crop_size": 160, "scale_range": [0.8, 1.6]},
           "predict_seg": {"scales": [1.0, 1.2, 1.4]},
           "train_affinity": {"output_stride": 16, "crop_size": 160, "scale_range": [0.8, 1.2],
                              "feature_stride": 4}},
-    # 500 px (500 x 375 images, as most of VOC): crop capped at 448, s = 1, an 8-stride grid of 62 cells
-    500: {"saliency": {"input_size": 1024},
+    # 500 px (500 x 375 images, as most of VOC): crop capped at 448, s = 1, an 8-stride grid of 62 cells;
+    # 4 x 500 = 2000 -> U²-Net-p's 512
+    500: {"saliency": {"input_size": 512},
           "train_cls": {"output_stride": 16, "crop_size": 448, "resize_long": [375, 625]},
           "train_seg": {"output_stride": 16, "crop_size": 448, "scale_range": [0.67, 1.33]},
           "predict_seg": {"scales": [0.83, 1.0, 1.17]},
@@ -72,6 +73,17 @@ def test_auto_knobs_resolve_as_documented_from_what_prepare_measured(make_voc, t
     for section, values in RULES[long_side].items():
         resolved = sized(getattr(defaults, section), section, ds)
         assert {k: getattr(resolved, k) for k in values} == values, section
+
+
+@pytest.mark.parametrize("long_side, isnet, u2netp", [(64, 320, 320), (128, 512, 512), (160, 640, 512),
+                                                     (256, 1024, 512), (500, 1024, 512)])
+def test_the_saliency_input_is_capped_by_the_detector(long_side, isnet, u2netp):
+    """4 L within [320, 1024] for IS-Net (trained at 1024), within [320, 512] for U²-Net-p (trained at 320)."""
+    for backend, expected in (("isnet", isnet), ("u2netp", u2netp), ("onnx", isnet)):
+        cfg = build(SaliencyConfig, {"backend": backend, **({"model_path": "m.onnx"} if backend == "onnx" else {})},
+                    "saliency")
+        assert resolve(cfg, "saliency", long_side).input_size == expected
+        assert auto_values(long_side, backend)["saliency"]["input_size"] == expected
 
 
 def test_an_explicit_value_wins_and_resnet38d_keeps_stride_8():
