@@ -96,6 +96,18 @@ def selection_oracle(gt: np.ndarray, saliency: np.ndarray, tau: float) -> tuple[
     return sum(int(salient[gt == c].mean() > tau) for c in labels), len(labels)
 
 
+def bound_row(acc: SegEvaluator, ctx_names: list[str], class_names: list[str]) -> dict:
+    """mIoU, boundary F1, mean m_kc and (where the dataset has contexts) m_kc per pair of one bound."""
+    s = acc.summary()
+    ratios = [p["ratio"] for p in s["cooccurrence"] if not np.isnan(p["ratio"])]
+    row = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],
+           "mean_mkc": float(np.mean(ratios)) if ratios else None}
+    if s["cooccurrence"]:
+        row["pairs"] = {f"{ctx_names[p['context'] - 1]}->{class_names[p['class']]}": p["ratio"]
+                        for p in s["cooccurrence"]}
+    return row
+
+
 def print_bounds(rows: dict) -> None:
     """The mIoU bounds as a markdown table, then the selection oracle."""
     print("| bound | mIoU | boundary F1 | mean m_kc |\n|---|---|---|---|")
@@ -172,20 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             visible = gt == 0
             ctx_total += np.bincount(context[visible].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
             ctx_salient += np.bincount(context[visible & salient].ravel(), minlength=len(ctx_total))[:len(ctx_total)]
-    rows = {}
     evaluators = [(f"resolution, scales {scales}, stride {stride}", res),
                   (f"resolution, scale 1, stride {stride}", res1),
                   ("saliency > 0.5 as the foreground (perfect classes)", sal_bg)]
     if ctx:
         evaluators.append(("saliency > 0.5 as the foreground, a salient context taken by its class", sal_ctx))
-    for name, acc in evaluators:
-        s = acc.summary()
-        ratios = [p["ratio"] for p in s["cooccurrence"] if not np.isnan(p["ratio"])]
-        rows[name] = {"miou": s["standard"]["miou"], "boundary_f1": s["boundary"]["f1"],
-                      "mean_mkc": float(np.mean(ratios)) if ratios else None}
-        if ctx:
-            rows[name]["pairs"] = {f"{ctx_names[p['context'] - 1]}->{ds.class_names[p['class']]}": p["ratio"]
-                                   for p in s["cooccurrence"]}
+    rows = {name: bound_row(acc, ctx_names, ds.class_names) for name, acc in evaluators}
     rows["saliency alone (foreground IoU)"] = {"miou": inter / union if union else None}
     rows["selection"] = {"foreground_share": selected / present if present else None, "present": present,
                          "tau": params.train_cls.tau}

