@@ -92,7 +92,7 @@ class SaliencyConfig:
                             "onnx = your ONNX model (model_path); spectral_residual / fine_grained = OpenCV, "
                             "no model; precomputed = precomputed_dir")
     splits: list[str] = knob(["train"], doc="dataset splits to compute maps for (the stages read train's)")
-    model_path: str = knob("", doc="ONNX model for backend=onnx (isnet: empty = the fetched IS-Net)")
+    model_path: str = knob("", doc="ONNX model for backend=onnx (isnet and u2netp fetch their own)")
     isnet_variant: str = knob("medium", choices=("medium", "small"),
                               doc="medium = float16 IS-Net (88 MB), small = uint8-quantized (44 MB)")
     input_size: int | Auto = knob(AUTO, range=(32, 4096),
