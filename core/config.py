@@ -369,6 +369,10 @@ class RescueSaliencyConfig:
                                                       "confident region (normalised CAM > 0.5) is salient")
     margin: float = knob(0.3, range=(0.0, 4.0), doc="the crop: the region's bounding box widened by this share "
                                                     "of its height / width on each side")
+    input_size: int | Auto = knob(AUTO, range=(32, 4096),
+                                  doc="the detector's input side for the crops; auto = saliency's rule (4x the long "
+                                      "side within [320, 1024], u2netp [320, 512]) applied to the median long side "
+                                      "of the crops (320 for the embedded set's ~70-px crops)")
     workers: int = knob(2, range=(1, 256), doc="worker processes (1 = in the stage process)", operational=True)
 
 

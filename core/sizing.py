@@ -20,7 +20,9 @@ The rules (``os`` is the output stride, ``s`` the segmenter's middle training sc
 * ``saliency.input_size``: ``4 L`` rounded down to a multiple of 32, within [320, 1024] (IS-Net was
   trained at 1024; upscaling small images lets it see their objects at a size it knows); for U²-Net-p
   (``backend: u2netp``, trained at 320) within [320, 512]: on the real VOC photos it fails at 1024
-  (foreground IoU 0.05 against 0.45 at 320, README).
+  (foreground IoU 0.05 against 0.45 at 320, README). ``rescue_saliency.input_size`` applies the same
+  rule to the median long side of the crops it runs the detector on (``tasks.rescue_saliency``: the
+  crops are known only once the CAMs are, so it is resolved there, not here).
 
 On the embedded 128-px images these give the values the project used before ``auto`` existed.
 ``infer_cam.scales`` is not sized: it stays the paper's 0.5, 1, 1.5, 2.
@@ -45,6 +47,12 @@ def _down(x: float, multiple: int) -> int:
     return int(x // multiple) * multiple
 
 
+def saliency_input_size(long_side: float, backend: str = "isnet") -> int:
+    """The detector's input side for an image (or a crop) of long side ``long_side`` px: ``4 L`` rounded
+    down to a multiple of 32, within [320, 1024] ([320, 512] for ``u2netp``)."""
+    return min(U2NETP_MAX_INPUT if backend == "u2netp" else 1024, max(320, _down(4 * long_side, 32)))
+
+
 def auto_values(long_side: float, saliency_backend: str = "isnet") -> dict[str, dict[str, Any]]:
     """section -> knob -> the value ``auto`` stands for, for images of median long side ``long_side`` px
     (the saliency input for ``saliency_backend``)."""
@@ -55,8 +63,7 @@ def auto_values(long_side: float, saliency_backend: str = "isnet") -> dict[str, 
     crop = max(32, _down(min(size, MAX_CROP), 16))
     s = max(1.0, MIN_SEG_CELLS * stride / size)
     return {
-        "saliency": {"input_size": min(U2NETP_MAX_INPUT if saliency_backend == "u2netp" else 1024,
-                                       max(320, _down(4 * size, 32)))},
+        "saliency": {"input_size": saliency_input_size(size, saliency_backend)},
         "train_cls": {"output_stride": stride, "crop_size": crop,
                       "resize_long": [round(0.75 * size), round(1.25 * size)]},
         "train_seg": {"output_stride": stride, "crop_size": crop,

@@ -17,8 +17,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "infer_cam": ("infer_cam",),
     # the detector's keys that decide its maps (splits, workers and devices do not)
     "rescue_saliency": ("rescue_saliency", "saliency.backend", "saliency.model_path", "saliency.isnet_variant",
-                        "saliency.input_size", "saliency.mean", "saliency.std", "saliency.channel_order",
-                        "saliency.output_scaling"),
+                        "saliency.mean", "saliency.std", "saliency.channel_order", "saliency.output_scaling"),
     "export_masks": ("export_masks",),
     "evaluate": ("evaluate",),
     "train_affinity": ("seed", "train_affinity"),

@@ -8,7 +8,10 @@ around it, where it fills the view, it usually does not. The image labels and th
 to look: for each present class of an image, its confident region B (normalised CAM > 0.5, the B of the
 paper's adaptive selection) is found from ``data/cams``; when at most ``rescue_saliency.overlap`` of B is
 salient (> 0.5), the detector missed that object, and it is run again on B's bounding box widened by
-``margin`` on each side, at ``saliency.input_size``; the map there becomes the maximum of the two.
+``margin`` on each side, at ``rescue_saliency.input_size``; the map there becomes the maximum of the two.
+``input_size: auto`` is the saliency stage's size rule applied to the crops instead of the whole images:
+4x the median long side of the crops, within [320, 1024] ([320, 512] for U²-Net-p): a 70-px crop of a
+128-px image is not blown up to the 512 px the whole image gets (README, "Rescue").
 Classifier training is not affected (it runs before the CAMs exist and keeps Table 3's rule: a class the
 saliency misses trains as background); the masks, AffinityNet and the segmenter's sure regions read the
 rescued maps.
@@ -29,7 +32,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -45,10 +48,10 @@ from artifacts.saliency_maps import (
 )
 from assets import isnet_model
 from core.atomic import replace_path, write_text_atomic
-from core.config import RescueSaliencyConfig, SaliencyConfig, result_params
+from core.config import AUTO, RescueSaliencyConfig, SaliencyConfig, result_params
 from core.parallel import parallel_map
 from core.paths import CAMS_DIR, MANIFEST, RESCUE_SALIENCY_METRICS, RESCUED_SALIENCY_DIR, SALIENCY_DIR
-from core.sizing import sized
+from core.sizing import saliency_input_size
 from core.stage_cli import stage_main
 
 FINGERPRINT_FORMAT = 1
@@ -184,6 +187,28 @@ def _process(image_id: str) -> ImageResult:
     return process_one(_CONTEXT[0], image_id)
 
 
+def crop_sides(ctx: _WorkerContext, image_id: str) -> list[int]:
+    """The long sides of the crops the rescue would run the detector on in one image."""
+    if image_id not in ctx.cam_ids:
+        return []
+    rec = read_cam_file(cam_path(ctx.cams_dir, image_id))
+    sal = read_map_u8(saliency_path(ctx.saliency_dir, image_id), tuple(rec.size))
+    return [max(y1 - y0, x1 - x0) for (y0, y1, x0, x1) in (m.box for m in
+                                                           missed_boxes(rec, sal, ctx.cfg.overlap, ctx.cfg.margin))]
+
+
+def _crop_sides(image_id: str) -> list[int]:
+    return crop_sides(_CONTEXT[0], image_id)
+
+
+def crop_input_size(cfg: RescueSaliencyConfig, backend: str, sides: Sequence[int], image_long_side: float) -> int:
+    """``input_size`` as set, or for ``auto`` the saliency rule (:func:`core.sizing.saliency_input_size`)
+    at the median long side of the crops (at the images' median long side when nothing was missed)."""
+    if cfg.input_size != AUTO:
+        return int(cfg.input_size)
+    return saliency_input_size(float(np.median(sides)) if len(sides) else image_long_side, backend)
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -250,6 +275,24 @@ def summarise(cfg: RescueSaliencyConfig, results: list[ImageResult], class_names
     }
 
 
+def _input_size(ctx: _WorkerContext, ids: Sequence[str], backend: str, dataset, print_fn) -> dict:
+    """``{"input_size": the crops' detector input, "median_crop_side": px (auto only)}``; ``auto`` first
+    finds every crop (the CAMs and maps are read once more, in the workers)."""
+    cfg = ctx.cfg
+    if cfg.input_size != AUTO:
+        return {"input_size": int(cfg.input_size)}
+    try:
+        with parallel_map(_crop_sides, ids, workers=cfg.workers, initializer=_init_worker, initargs=(ctx,),
+                          chunksize=max(1, len(ids) // (max(1, cfg.workers) * 16))) as found:
+            sides = [side for image_sides in found for side in image_sides]
+    finally:
+        _CONTEXT.clear()
+    size = crop_input_size(cfg, backend, sides, dataset.median_long_side("train"))
+    median = float(np.median(sides)) if sides else None
+    print_fn(f"rescue_saliency: input_size auto -> {size} ({len(sides)} crops, median long side {median} px)")
+    return {"input_size": size, "median_crop_side": median}
+
+
 def run(cfg: RescueSaliencyConfig, saliency_cfg: SaliencyConfig, dataset, *, cams_dir: str | Path = CAMS_DIR,
         saliency_dir: str | Path = SALIENCY_DIR, out_dir: str | Path = RESCUED_SALIENCY_DIR,
         metrics_path: str | Path | None = RESCUE_SALIENCY_METRICS, project_dir: str | Path = ".",
@@ -260,15 +303,17 @@ def run(cfg: RescueSaliencyConfig, saliency_cfg: SaliencyConfig, dataset, *, cam
 
     cams_dir, saliency_dir, out_dir = Path(cams_dir), Path(saliency_dir), Path(out_dir)
     ids, cam_ids, meta = check_inputs(cfg, saliency_cfg, cams_dir, saliency_dir)
-    spec = None
-    if cfg.enabled:
-        saliency_cfg = sized(saliency_cfg, "saliency", dataset)
-        spec = resolve_backend(saliency_cfg, project_dir=project_dir, state_dir=state_dir)
+    spec, sizes = None, {}
     partial = out_dir.with_name(out_dir.name + ".partial")
+    ctx = _WorkerContext(cfg, None, dataset, cams_dir, saliency_dir, partial, cam_ids)
+    start = time.perf_counter()
+    if cfg.enabled:
+        sizes = _input_size(ctx, ids, saliency_cfg.backend, dataset, print_fn)
+        spec = resolve_backend(replace(saliency_cfg, input_size=sizes["input_size"]), project_dir=project_dir,
+                               state_dir=state_dir)
+        ctx.spec = spec
     fp = fingerprint(cfg, spec, meta, saliency_dir, dataset, ids)
     prepare_partial(partial, print_fn, fp)
-    ctx = _WorkerContext(cfg, spec, dataset, cams_dir, saliency_dir, partial, cam_ids)
-    start = time.perf_counter()
     results: list[ImageResult] = []
     try:
         with parallel_map(_process, ids, workers=cfg.workers, initializer=_init_worker, initargs=(ctx,),
@@ -284,7 +329,7 @@ def run(cfg: RescueSaliencyConfig, saliency_cfg: SaliencyConfig, dataset, *, cam
         raise RescueError(f"{partial}: maps missing after the run for {', '.join(absent[:5])}; rerun the stage")
     (partial / FINGERPRINT_FILE).unlink(missing_ok=True)
     replace_path(partial, out_dir)
-    metrics = summarise(cfg, results, list(meta.get("class_names") or dataset.class_names))
+    metrics = {**summarise(cfg, results, list(meta.get("class_names") or dataset.class_names)), **sizes}
     if metrics_path is not None:
         write_text_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     computed = sum(r.computed for r in results)

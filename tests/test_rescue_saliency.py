@@ -118,6 +118,37 @@ def test_the_stage_writes_every_map_rescuing_only_the_missed_classes(inputs):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # same inputs, same bytes
 
 
+@pytest.mark.parametrize("sides, backend, expected", [
+    ([40, 68, 100], "u2netp", 320),     # median 68: 4 x 68 = 272 -> 256 (multiple of 32) -> at least 320
+    ([90, 100, 110], "u2netp", 384),    # median 100: 400 -> 384
+    ([200, 250, 300], "u2netp", 512),   # median 250: 1000 -> 992 -> U2-Net-p's 512 at most
+    ([200, 250, 300], "isnet", 992),    # IS-Net: up to 1024
+    ([], "u2netp", 512),                # nothing missed: the images' rule (long side 128 -> 512)
+])
+def test_auto_runs_the_crops_at_the_saliency_rule_for_their_median_long_side(sides, backend, expected):
+    assert rs.crop_input_size(RescueSaliencyConfig(), backend, sides, 128.0) == expected
+    assert rs.crop_input_size(RescueSaliencyConfig(input_size=416), backend, sides, 128.0) == 416
+
+
+def test_the_stage_builds_the_detector_at_the_crops_size_and_reports_it(inputs, monkeypatch):
+    import tasks.saliency
+
+    real, seen = tasks.saliency.resolve_backend, []
+
+    def spy(cfg, **kwargs):
+        seen.append(cfg.input_size)
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(tasks.saliency, "resolve_backend", spy)
+    metrics = _run(inputs)      # one missed crop: B's 8 x 12 box widened to 12 x 20 -> 4 x 20 = 80 -> 320
+    assert seen == [320] and (metrics["input_size"], metrics["median_crop_side"]) == (320, 20.0)
+    ds, cams_dir, sal_dir, _, _ = inputs
+    metrics = rs.run(RescueSaliencyConfig(workers=1, input_size=448), SaliencyConfig(backend="spectral_residual"),
+                     ds, cams_dir=cams_dir, saliency_dir=sal_dir, out_dir=cams_dir.parent / "rescued_448",
+                     metrics_path=None, progress=False, print_fn=lambda *_: None)
+    assert seen == [320, 448] and metrics["input_size"] == 448 and "median_crop_side" not in metrics
+
+
 def test_with_the_rescue_off_every_map_is_copied_and_the_misses_still_counted(inputs):
     ds, _, sal_dir, out, _ = inputs
     metrics = _run(inputs, enabled=False)
