@@ -56,22 +56,27 @@ SEG_NO_CRF = "predict_seg.crf=false"
 NO_RESCUE = "rescue_saliency.enabled=false"
 # IS-Net as the detector (the default until U²-Net-p): rows measured with it keep it explicitly
 ISNET = "saliency.backend=isnet"
+# the rescue's crops at the whole images' detector input (512 px here; the default until rescue_saliency.input_size:
+# auto ran them at the saliency rule for the crops' own size): rows measured with the rescue before keep it explicitly
+RESCUE_512 = "rescue_saliency.input_size=512"
 
 # name, overrides (section.key=value), target stage, what the row is
 VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("cam", f"train_cls.method=cam,export_masks.background=threshold,{SEG_ALL},{SEG_NO_CRF},{NO_RESCUE},{ISNET}",
      "evaluate_seg",
      "CAM, constant background 0.20 (authors' rule)"),
-    ("cam_saliency", f"train_cls.method=cam,{SAL_BG},{ISNET}", "evaluate",
+    ("cam_saliency", f"train_cls.method=cam,{SAL_BG},{ISNET},{RESCUE_512}", "evaluate",
      "CAM, background 1 - saliency (missed objects rescued)"),
-    ("cam_floor", f"train_cls.method=cam,{ISNET}", "evaluate",
+    ("cam_floor", f"train_cls.method=cam,{ISNET},{RESCUE_512}", "evaluate",
      "CAM, EPS's rule: background max(1 - saliency, 0.20), missed objects rescued"),
     ("eps", "", "evaluate_seg", "EPS, defaults (U²-Net-p saliency, relative selection, L_sal weight 5, background "
                                 "max(1 - saliency, 0.20), missed objects rescued)"),
-    ("eps_isnet", ISNET, "evaluate_seg", "EPS, defaults but IS-Net as the detector (the default before U²-Net-p)"),
-    ("eps_saliency", f"{SAL_BG},{ISNET}", "evaluate_seg",
+    ("eps_rescue512", RESCUE_512, "evaluate_seg",
+     "EPS, defaults but the rescue's crops at the whole images' 512 px (the default before input_size: auto)"),
+    ("eps_isnet", f"{ISNET},{RESCUE_512}", "evaluate_seg", "EPS, defaults but IS-Net as the detector (the default before U²-Net-p)"),
+    ("eps_saliency", f"{SAL_BG},{ISNET},{RESCUE_512}", "evaluate_seg",
      "EPS, defaults but background 1 - saliency (the default before the floor)"),
-    ("eps_crf_floor", f"export_masks.crf=true,{ISNET}", "evaluate", "EPS, defaults + dense CRF on the masks"),
+    ("eps_crf_floor", f"export_masks.crf=true,{ISNET},{RESCUE_512}", "evaluate", "EPS, defaults + dense CRF on the masks"),
     ("eps_no_rescue", f"{SAL_BG},{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults but the detector's maps as they are (no rescue)"),
     ("eps_seg_no_crf", f"{SAL_BG},{SEG_NO_CRF},{NO_RESCUE},{ISNET}", "evaluate_seg",
@@ -103,7 +108,7 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
      "EPS (earlier defaults) + dense CRF"),
     ("eps_refined_seg", f"{SAL_BG},train_seg.mask_source=refined,{NO_RESCUE},{ISNET}", "evaluate_seg",
      "EPS, defaults, the segmenter trained on the AffinityNet-refined masks"),
-    ("eps_crf_now", f"{SAL_BG},export_masks.crf=true,{ISNET}", "evaluate_seg",
+    ("eps_crf_now", f"{SAL_BG},export_masks.crf=true,{ISNET},{RESCUE_512}", "evaluate_seg",
      "EPS, defaults + dense CRF on the masks (and the segmenter trained on them)"),
     ("eps_affinity_psa", f"{SAL_BG},refine_masks.background=psa,{NO_RESCUE},{ISNET}", "evaluate_refined",
      "EPS, defaults, AffinityNet with psa's walk ([(1 - max CAM)^16, CAMs] walked at the grid)"),
@@ -115,9 +120,9 @@ VARIANTS: tuple[tuple[str, str, str, str], ...] = (
     ("cam_affinity",
      f"train_cls.method=cam,export_masks.background=threshold,refine_masks.background=psa,{NO_RESCUE},{ISNET}",
      "evaluate_refined", "CAM, constant background 0.20, AffinityNet as psa (sure regions at 0.30 / 0.05)"),
-    ("gt_seg", f"{SAL_BG},train_seg.mask_source=ground_truth,{ISNET}", "evaluate_seg",
+    ("gt_seg", f"{SAL_BG},train_seg.mask_source=ground_truth,{ISNET},{RESCUE_512}", "evaluate_seg",
      "ground-truth masks (upper bound)"),
-    ("gt_seg_no_crf", f"{SAL_BG},train_seg.mask_source=ground_truth,{SEG_NO_CRF},{ISNET}", "evaluate_seg",
+    ("gt_seg_no_crf", f"{SAL_BG},train_seg.mask_source=ground_truth,{SEG_NO_CRF},{ISNET},{RESCUE_512}", "evaluate_seg",
      "ground-truth masks (upper bound), predictions without the dense CRF"),
     ("eps_loss_stride4", f"{EARLIER},{SAL_BG},train_cls.loss_stride=4,{NO_RESCUE},{ISNET}", "evaluate",
      "EPS (earlier defaults), L_sal on maps upsampled to crop/4"),
@@ -148,12 +153,13 @@ def earlier_rule(name: str, r: dict) -> bool:
 
 def label_marks(name: str, r: dict) -> list[str]:
     """What a row's label leaves out about its masks: IS-Net as the detector, the earlier background rule, no
-    rescue."""
+    rescue, the rescue's crops at the whole images' input."""
     overrides = r.get("overrides", "")
     blind = "train_cls.method=cam" in overrides and "export_masks.background=threshold" in overrides  # no saliency
     isnet = ISNET in overrides and "IS-Net" not in r.get("label", "") and not blind
+    crops_512 = RESCUE_512 in overrides and name != "eps_rescue512" and not blind
     return [m for m, on in (("IS-Net", isnet), ("background 1 - saliency", earlier_rule(name, r)),
-                            ("no rescue", unrescued(name, r))) if on]
+                            ("no rescue", unrescued(name, r)), ("rescue crops at 512", crops_512)) if on]
 
 
 def in_parens(marks: list[str]) -> str:

@@ -133,6 +133,10 @@ def test_embedded_benchmark_variants_name_existing_keys_and_tables_come_from_the
     text = eb.tables({"variants": {"eps_saliency": old, "eps_isnet": isnet}, "command": "c", "machine": "m"})
     assert "| EPS, old (IS-Net, background 1 - saliency) | 0.500 |" in text
     assert "| EPS, defaults but IS-Net as the detector | 0.490 |" in text    # its label says it already
+    # a row whose rescue ran its crops at the whole images' 512 px (before input_size: auto) says so too
+    crops = dict(row, label="EPS, IS-Net", overrides=f"{eb.ISNET},{eb.RESCUE_512}")
+    text = eb.tables({"variants": {"eps_isnet": crops}, "command": "c", "machine": "m"})
+    assert "| EPS, IS-Net (rescue crops at 512) | 0.500 |" in text
 
 
 def test_a_copy_from_a_finished_run_keeps_its_outputs_and_lock_under_this_checkouts_code(tmp_path):
