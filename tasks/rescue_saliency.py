@@ -11,7 +11,7 @@ salient (> 0.5), the detector missed that object, and it is run again on B's bou
 ``margin`` on each side, at ``rescue_saliency.input_size``; the map there becomes the maximum of the two.
 ``input_size: auto`` is the saliency stage's size rule applied to the crops instead of the whole images:
 4x the median long side of the crops, within [320, 1024] ([320, 512] for U²-Net-p): a 70-px crop of a
-128-px image is not blown up to the 512 px the whole image gets (README, "Rescue").
+128-px image is not blown up to the 512 px the whole image gets (README, "Choices that differ").
 Classifier training is not affected (it runs before the CAMs exist and keeps Table 3's rule: a class the
 saliency misses trains as background); the masks, AffinityNet and the segmenter's sure regions read the
 rescued maps.
@@ -289,7 +289,8 @@ def _input_size(ctx: _WorkerContext, ids: Sequence[str], backend: str, dataset, 
         _CONTEXT.clear()
     size = crop_input_size(cfg, backend, sides, dataset.median_long_side("train"))
     median = float(np.median(sides)) if sides else None
-    print_fn(f"rescue_saliency: input_size auto -> {size} ({len(sides)} crops, median long side {median} px)")
+    found_text = f"{len(sides)} crops, median long side {median:g} px" if sides else "no missed object"
+    print_fn(f"rescue_saliency: input_size auto -> {size} ({found_text})")
     return {"input_size": size, "median_crop_side": median}
 
 
